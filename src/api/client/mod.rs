@@ -1,0 +1,84 @@
+//! The client-server API, one module per spec area. Handlers are named `*_route` and headed by
+//! their endpoint.
+
+pub mod account_data;
+pub mod alias;
+pub mod directory;
+pub mod discovery;
+pub mod filter;
+pub mod membership;
+pub mod message;
+pub mod profile;
+pub mod redact;
+pub mod room;
+pub mod session;
+pub mod state;
+pub mod sync;
+
+use axum::Router;
+
+use super::AppState;
+use crate::ruma_route;
+
+/// Add every client-server route to `r`.
+pub fn routes(r: Router<AppState>) -> Router<AppState> {
+    use ruma::api::client as c;
+    let r = ruma_route!(r, c::discovery::get_supported_versions::Request, discovery::get_supported_versions_route);
+    let r = ruma_route!(r, c::discovery::get_capabilities::v3::Request, discovery::get_capabilities_route);
+    let r = ruma_route!(r, c::account::register::v3::Request, session::register_route);
+    let r =
+        ruma_route!(r, c::account::get_username_availability::v3::Request, session::get_username_availability_route);
+    let r = ruma_route!(r, c::session::get_login_types::v3::Request, session::get_login_types_route);
+    let r = ruma_route!(r, c::session::login::v3::Request, session::login_route);
+    let r = ruma_route!(r, c::session::logout::v3::Request, session::logout_route);
+    let r = ruma_route!(r, c::session::logout_all::v3::Request, session::logout_all_route);
+    let r = ruma_route!(r, c::account::whoami::v3::Request, session::whoami_route);
+    let r = ruma_route!(r, c::room::create_room::v3::Request, room::create_room_route);
+    let r = ruma_route!(r, c::room::get_room_event::v3::Request, room::get_room_event_route);
+    let r = ruma_route!(r, c::context::get_context::v3::Request, room::get_context_route);
+    let r = ruma_route!(r, c::membership::join_room_by_id::v3::Request, membership::join_room_by_id_route);
+    let r = ruma_route!(
+        r,
+        c::membership::join_room_by_id_or_alias::v3::Request,
+        membership::join_room_by_id_or_alias_route
+    );
+    let r = ruma_route!(r, c::membership::invite_user::v3::Request, membership::invite_user_route);
+    let r = ruma_route!(r, c::membership::leave_room::v3::Request, membership::leave_room_route);
+    let r = ruma_route!(r, c::membership::forget_room::v3::Request, membership::forget_room_route);
+    let r = ruma_route!(r, c::membership::kick_user::v3::Request, membership::kick_user_route);
+    let r = ruma_route!(r, c::membership::ban_user::v3::Request, membership::ban_user_route);
+    let r = ruma_route!(r, c::membership::unban_user::v3::Request, membership::unban_user_route);
+    let r = ruma_route!(r, c::membership::joined_rooms::v3::Request, membership::joined_rooms_route);
+    let r = ruma_route!(r, c::membership::get_member_events::v3::Request, membership::get_member_events_route);
+    let r = ruma_route!(r, c::membership::joined_members::v3::Request, membership::joined_members_route);
+    let r = ruma_route!(r, c::message::send_message_event::v3::Request, message::send_message_event_route);
+    let r = ruma_route!(r, c::message::get_message_events::v3::Request, message::get_message_events_route);
+    let r = ruma_route!(r, c::redact::redact_event::v3::Request, redact::redact_event_route);
+    let r = ruma_route!(r, c::state::get_state_events::v3::Request, state::get_state_events_route);
+    let r = ruma_route!(r, c::state::get_state_event_for_key::v3::Request, state::get_state_event_for_key_route);
+    let r = ruma_route!(r, c::state::send_state_event::v3::Request, state::send_state_event_route);
+    let r = ruma_route!(r, c::sync::sync_events::v3::Request, sync::sync_events_route);
+    let r = ruma_route!(r, c::filter::create_filter::v3::Request, filter::create_filter_route);
+    let r = ruma_route!(r, c::filter::get_filter::v3::Request, filter::get_filter_route);
+    let r = ruma_route!(r, c::profile::get_profile::v3::Request, profile::get_profile_route);
+    let r = ruma_route!(r, c::profile::get_profile_field::v3::Request, profile::get_profile_field_route);
+    let r = ruma_route!(r, c::profile::set_profile_field::v3::Request, profile::set_profile_field_route);
+    let r = ruma_route!(r, c::alias::create_alias::v3::Request, alias::create_alias_route);
+    let r = ruma_route!(r, c::alias::get_alias::v3::Request, alias::get_alias_route);
+    let r = ruma_route!(r, c::alias::delete_alias::v3::Request, alias::delete_alias_route);
+    let r = ruma_route!(r, c::room::aliases::v3::Request, alias::get_room_aliases_route);
+    let r = ruma_route!(r, c::directory::get_room_visibility::v3::Request, directory::get_room_visibility_route);
+    let r = ruma_route!(r, c::directory::set_room_visibility::v3::Request, directory::set_room_visibility_route);
+    let r = ruma_route!(r, c::directory::get_public_rooms::v3::Request, directory::get_public_rooms_route);
+    let r = ruma_route!(
+        r,
+        c::directory::get_public_rooms_filtered::v3::Request,
+        directory::get_public_rooms_filtered_route
+    );
+    let r =
+        ruma_route!(r, c::config::set_global_account_data::v3::Request, account_data::set_global_account_data_route);
+    let r =
+        ruma_route!(r, c::config::get_global_account_data::v3::Request, account_data::get_global_account_data_route);
+    let r = ruma_route!(r, c::config::set_room_account_data::v3::Request, account_data::set_room_account_data_route);
+    ruma_route!(r, c::config::get_room_account_data::v3::Request, account_data::get_room_account_data_route)
+}

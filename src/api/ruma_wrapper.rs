@@ -1,0 +1,166 @@
+//! `Ruma<T>`: an axum extractor that turns an HTTP request into a ruma request type `T`, after
+//! bounding the body, authenticating the access token, and checking the body is JSON. Errors
+//! come out as Matrix errors (`M_NOT_JSON`, `M_BAD_JSON`, `M_MISSING_TOKEN`, ...).
+
+use std::any::TypeId;
+
+use axum::{
+    body::Body,
+    extract::{FromRequest, FromRequestParts, RawPathParams, Request},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use bytes::BytesMut;
+use ruma::{
+    api::{
+        auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional},
+        error::FromHttpRequestError,
+        IncomingRequest, Metadata, OutgoingResponse,
+    },
+    OwnedDeviceId, OwnedUserId,
+};
+
+use super::{error::ApiError, AppState};
+use crate::core::Error;
+
+/// A parsed, authenticated client request.
+pub struct Ruma<T> {
+    /// The ruma request.
+    pub body: T,
+    /// The authenticated user (for endpoints with access tokens).
+    pub user: Option<OwnedUserId>,
+    /// The authenticated device.
+    pub device: Option<OwnedDeviceId>,
+    /// The request body as JSON (for fields ruma does not model), or `Null`.
+    pub json: serde_json::Value,
+}
+
+impl<T> Ruma<T> {
+    /// The authenticated user; only call on endpoints that require a token.
+    pub fn sender(&self) -> Result<(&ruma::UserId, &ruma::DeviceId), ApiError> {
+        match (&self.user, &self.device) {
+            (Some(u), Some(d)) => Ok((u, d)),
+            _ => Err(Error::MissingToken.into()),
+        }
+    }
+}
+
+/// The access token of a request: `Authorization: Bearer` or the `access_token` query parameter.
+pub fn access_token(parts: &axum::http::request::Parts) -> Option<String> {
+    if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+        if let Some(t) = h.to_str().ok().and_then(|s| s.strip_prefix("Bearer ")) {
+            return Some(t.trim().to_owned());
+        }
+    }
+    parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|t| percent_decode(t)))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 + 1 {
+            if let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn from_http_error(e: FromHttpRequestError) -> ApiError {
+    match e {
+        FromHttpRequestError::MethodMismatch { .. } => {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Unrecognized request")
+        }
+        other => {
+            let msg = other.to_string();
+            if msg.contains("missing field") {
+                Error::BadJson(msg).into()
+            } else {
+                Error::BadJson(msg).into()
+            }
+        }
+    }
+}
+
+impl<T> FromRequest<AppState> for Ruma<T>
+where
+    T: IncomingRequest + Send + 'static,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
+            Ok(p) => p.iter().map(|(_, v)| v.to_owned()).collect(),
+            Err(_) => Vec::new(),
+        };
+        let limit = state.config.limits.max_request_bytes;
+        let bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| ApiError::from(Error::TooLarge(format!("request body over {limit} bytes"))))?;
+
+        let auth = TypeId::of::<T::Authentication>();
+        let required = auth == TypeId::of::<AccessToken>() || auth == TypeId::of::<AppserviceToken>();
+        let optional = auth == TypeId::of::<AccessTokenOptional>() || auth == TypeId::of::<AppserviceTokenOptional>();
+        let (user, device) = match access_token(&parts) {
+            Some(t) if required || optional => {
+                let (u, d) = state.core.authenticate(&t)?;
+                (Some(u), Some(d))
+            }
+            None if required => return Err(Error::MissingToken.into()),
+            _ => (None, None),
+        };
+
+        let json = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v) => v,
+                Err(e) if T::METHOD != axum::http::Method::GET => {
+                    return Err(Error::NotJson(format!("request body is not JSON: {e}")).into())
+                }
+                Err(_) => serde_json::Value::Null,
+            }
+        };
+        // ruma's deserializers want an object body for POST/PUT even when every field is optional.
+        let bytes = if bytes.is_empty() && T::METHOD != axum::http::Method::GET {
+            bytes::Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
+        let http_req = axum::http::Request::from_parts(parts, bytes);
+        let body = T::try_from_http_request(http_req, &path_args).map_err(from_http_error)?;
+        Ok(Self { body, user, device, json })
+    }
+}
+
+/// A ruma response, serialised the way ruma defines it.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<BytesMut>() {
+            Ok(res) => res.map(|b| Body::from(b.freeze())).into_response(),
+            Err(e) => ApiError::from(Error::Internal(format!("response serialisation: {e}"))).into_response(),
+        }
+    }
+}
+
+/// `Metadata` paths of `T` (all versions, `r0` included), for the router.
+pub fn paths<T: Metadata>() -> Vec<&'static str>
+where
+    T::PathBuilder: ruma::api::path_builder::PathBuilder,
+{
+    use ruma::api::path_builder::PathBuilder;
+    T::PATH_BUILDER.all_paths().collect()
+}

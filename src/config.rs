@@ -1,0 +1,282 @@
+//! Node configuration: built-in defaults, overlaid by an optional TOML file, overlaid by
+//! environment variables (`OUTPOST_<FIELD>`, or `OUTPOST_LIMITS_<FIELD>` for `[limits]`).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable that sets a configuration field.
+pub const ENV_PREFIX: &str = "OUTPOST_";
+
+/// Configuration of one node. Every field has a default, so an empty file is a valid config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the database, the node's signing key and media. Default `./outpost-data`.
+    pub data_dir: PathBuf,
+    /// Address the client-server API listens on. Default `127.0.0.1:8008` (this device only).
+    pub client_addr: SocketAddr,
+    /// Log filter, a `tracing_subscriber::EnvFilter` directive such as `info,outpost=debug`;
+    /// `RUST_LOG` overrides it. Default `info`.
+    pub log: String,
+    /// Whether new accounts may be created with `/register`. Default `true`.
+    pub registration_enabled: bool,
+    /// Resource limits, the `[limits]` table.
+    pub limits: Limits,
+}
+
+/// Resource limits. Outpost runs on phones and small boards, so everything that grows is bounded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted JSON request body. Default 1 MiB (1_048_576).
+    pub max_request_bytes: usize,
+    /// Largest PDU, as canonical JSON (the spec's limit). Default 65_536.
+    pub max_event_bytes: usize,
+    /// Longest `/sync` long-poll a client may ask for; longer `timeout`s are clamped.
+    /// Default 30_000.
+    pub sync_timeout_ms_max: u64,
+    /// Most events per room in one `/sync` timeline or `/messages` page. Default 100.
+    pub timeline_limit_max: usize,
+    /// Events per room timeline when the client's filter sets no limit. Default 20.
+    pub timeline_limit_default: usize,
+    /// Size of sled's page cache. Default 8 MiB (8_388_608).
+    pub sled_cache_bytes: u64,
+    /// Client requests handled at once; further ones wait. Default 256.
+    pub max_concurrent_requests: usize,
+    /// Transaction ids remembered per device for idempotent `/send`; the oldest are forgotten.
+    /// Default 1000.
+    pub txn_ids_per_device_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./outpost-data"),
+            client_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 8008)),
+            log: "info".to_owned(),
+            registration_enabled: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 1_048_576,
+            max_event_bytes: 65_536,
+            sync_timeout_ms_max: 30_000,
+            timeline_limit_max: 100,
+            timeline_limit_default: 20,
+            sled_cache_bytes: 8 * 1024 * 1024,
+            max_concurrent_requests: 256,
+            txn_ids_per_device_max: 1000,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded. Each message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, or has an unknown key or a value of the wrong type.
+    #[error("invalid config file {}: {reason}", path.display())]
+    File {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        reason: String,
+    },
+    /// An `OUTPOST_*` environment variable holds a value of the wrong type.
+    #[error("invalid value in environment variable {var}: {reason}")]
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The settings are individually valid but inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (if any), then the `OUTPOST_*` variables in
+    /// `env` (the process's environment, or a test list). Other and unknown variables are ignored,
+    /// including `OUTPOST_CONFIG`, which the CLI uses for the file path. A variable for a string
+    /// field is taken verbatim; any other is parsed as a TOML value (`42`, `true`).
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let base = match file {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                toml::from_str(&text)
+                    .map_err(|e| ConfigError::File { path: path.to_owned(), reason: one_line(&e, &text) })?
+            }
+        };
+        let mut table = toml::Table::try_from(&base).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut config = base;
+        for (var, raw) in env {
+            let Some(slot) = env_slot(&mut table, &var) else { continue };
+            *slot = match slot.is_str() {
+                true => toml::Value::String(raw),
+                false => {
+                    toml::Value::deserialize(toml::de::ValueDeserializer::new(&raw)).unwrap_or(toml::Value::String(raw))
+                }
+            };
+            config = toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Env { var, reason: flatten(e.message()) })?;
+        }
+        let l = &config.limits;
+        if l.timeline_limit_default == 0 || l.timeline_limit_default > l.timeline_limit_max {
+            return Err(ConfigError::Invalid(format!(
+                "limits.timeline_limit_default ({}) must be 1 to timeline_limit_max ({})",
+                l.timeline_limit_default, l.timeline_limit_max
+            )));
+        }
+        if l.max_concurrent_requests == 0 {
+            return Err(ConfigError::Invalid("limits.max_concurrent_requests must be > 0".into()));
+        }
+        Ok(config)
+    }
+}
+
+/// The value that `OUTPOST_FOO` (`foo`) or `OUTPOST_LIMITS_FOO` (`limits.foo`) sets, if a field.
+fn env_slot<'t>(table: &'t mut toml::Table, var: &str) -> Option<&'t mut toml::Value> {
+    let rest = var.strip_prefix(ENV_PREFIX).filter(|r| !r.bytes().any(|b| b.is_ascii_lowercase()));
+    let rest = rest?.to_ascii_lowercase();
+    let (table, key) = match rest.strip_prefix("limits_") {
+        Some(key) => (table.get_mut("limits")?.as_table_mut()?, key),
+        None => (&mut *table, rest.as_str()),
+    };
+    table.get_mut(key).filter(|v| !v.is_table())
+}
+
+/// A TOML error as one line, with its position in `text` when known.
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let msg = flatten(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+/// Joins a possibly multi-line message into one line.
+fn flatten(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), text).expect("write temp file");
+        f
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(None, env(&[("HOME", "/root"), ("OUTPOST_CONFIG", "x.toml")])).expect("load");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.data_dir, PathBuf::from("./outpost-data"));
+        assert_eq!(c.client_addr.to_string(), "127.0.0.1:8008");
+        assert_eq!((c.log.as_str(), c.registration_enabled), ("info", true));
+        assert_eq!(c.limits.max_request_bytes, 1_048_576);
+        assert_eq!(c.limits.sled_cache_bytes, 8_388_608);
+        assert_eq!(toml::from_str::<Config>("").expect("empty file"), c);
+    }
+
+    #[test]
+    fn file_overlay() {
+        let f = file("data_dir = \"/var/lib/outpost\"\n[limits]\nmax_event_bytes = 1000\n");
+        let c = Config::load(Some(f.path()), env(&[])).expect("load");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/outpost"));
+        assert_eq!(c.limits.max_event_bytes, 1000);
+        assert_eq!(c.limits.max_request_bytes, 1_048_576);
+        assert_eq!(c.client_addr, Config::default().client_addr);
+    }
+
+    #[test]
+    fn env_overlay_beats_file() {
+        let f = file("client_addr = \"0.0.0.0:9000\"\nlog = \"debug\"\n[limits]\nsync_timeout_ms_max = 5\n");
+        let vars = env(&[
+            ("OUTPOST_CLIENT_ADDR", "[::1]:8448"),
+            ("OUTPOST_DATA_DIR", "/tmp/x y"),
+            ("OUTPOST_LOG", "true"),
+            ("OUTPOST_REGISTRATION_ENABLED", "false"),
+            ("OUTPOST_LIMITS_SYNC_TIMEOUT_MS_MAX", "60000"),
+            ("OUTPOST_LIMITS", "7"),
+            ("OUTPOST_NO_SUCH_THING", "7"),
+            ("OUTPOST_limits_max_event_bytes", "7"),
+        ]);
+        let c = Config::load(Some(f.path()), vars).expect("load");
+        assert_eq!(c.client_addr.to_string(), "[::1]:8448");
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x y"));
+        assert_eq!(c.log, "true");
+        assert!(!c.registration_enabled);
+        assert_eq!(c.limits.sync_timeout_ms_max, 60_000);
+        assert_eq!(c.limits.max_event_bytes, 65_536);
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        for (var, value) in [
+            ("OUTPOST_LIMITS_MAX_REQUEST_BYTES", "lots"),
+            ("OUTPOST_LIMITS_MAX_REQUEST_BYTES", "-1"),
+            ("OUTPOST_CLIENT_ADDR", "localhost"),
+            ("OUTPOST_REGISTRATION_ENABLED", "yes"),
+        ] {
+            let err = Config::load(None, env(&[(var, value)])).expect_err(value);
+            assert!(matches!(&err, ConfigError::Env { var: v, .. } if v == var), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(var) && !msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_path_on_one_line() {
+        let f = file("log = \"info\"\n[limits]\nmax_event_byte = 10\n");
+        let err = Config::load(Some(f.path()), env(&[])).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::File { .. }), "{msg}");
+        assert!(msg.contains(&f.path().display().to_string()) && msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("max_event_byte") && !msg.contains('\n'), "{msg}");
+
+        let f = file("data_dir = \n");
+        let msg = Config::load(Some(f.path()), env(&[])).expect_err("bad toml").to_string();
+        assert!(msg.starts_with("invalid config file") && !msg.contains('\n'), "{msg}");
+
+        let missing = Path::new("/nonexistent/outpost.toml");
+        let msg = Config::load(Some(missing), env(&[])).expect_err("missing").to_string();
+        assert!(msg.starts_with("cannot read config file /nonexistent/outpost.toml: "), "{msg}");
+    }
+
+    #[test]
+    fn inconsistent_limits_are_rejected() {
+        let vars = env(&[("OUTPOST_LIMITS_TIMELINE_LIMIT_DEFAULT", "500")]);
+        let err = Config::load(None, vars).expect_err("default above max");
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+    }
+}

@@ -1,0 +1,323 @@
+//! The protocol core: rooms, events, users, sync. No sockets, no disk paths, no wall clock:
+//! everything outside comes in through [`KvStore`], [`Clock`] and the node [`Identity`].
+//!
+//! One [`Core`] is one homeserver. Many can live in one process (the simulator runs hundreds).
+//!
+//! # Driving it
+//! Write paths (`create_room`, `send_event`, membership, profile) commit through the store and
+//! return only after [`GroupCommit`] reports the data flushed; then they advance the *visible*
+//! stream position, which wakes long-polling syncs. Read paths never block on writers.
+
+pub mod filter;
+pub mod pdu;
+pub mod rooms;
+pub mod state;
+pub mod status;
+pub mod sync;
+pub mod users;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex as StdMutex},
+};
+
+use ruma::OwnedRoomId;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{
+    clock::Clock,
+    identity::Identity,
+    store::{Batch, GroupCommit, KvStore, StoreError, Tree},
+};
+
+/// Schema version of the key layout (see `docs/storage.md`). Bump on incompatible change.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Errors of the core, each a Matrix error condition. The HTTP edge maps them to
+/// `errcode` + status in one place (`api::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `M_FORBIDDEN` (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// `M_NOT_FOUND` (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// `M_BAD_JSON` (400).
+    #[error("{0}")]
+    BadJson(String),
+    /// `M_NOT_JSON` (400).
+    #[error("{0}")]
+    NotJson(String),
+    /// `M_TOO_LARGE` (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// `M_INVALID_PARAM` (400).
+    #[error("{0}")]
+    InvalidParam(String),
+    /// `M_MISSING_PARAM` (400).
+    #[error("{0}")]
+    MissingParam(String),
+    /// `M_UNKNOWN_TOKEN` (401).
+    #[error("unknown or expired access token")]
+    UnknownToken,
+    /// `M_MISSING_TOKEN` (401).
+    #[error("missing access token")]
+    MissingToken,
+    /// `M_USER_IN_USE` (400).
+    #[error("user ID already taken")]
+    UserInUse,
+    /// `M_INVALID_USERNAME` (400).
+    #[error("{0}")]
+    InvalidUsername(String),
+    /// `M_ROOM_IN_USE` (400).
+    #[error("{0}")]
+    RoomInUse(String),
+    /// `M_UNSUPPORTED_ROOM_VERSION` (400).
+    #[error("unsupported room version {0}")]
+    UnsupportedRoomVersion(String),
+    /// `M_UNRECOGNIZED` (404 or 405 at the edge).
+    #[error("{0}")]
+    Unrecognized(String),
+    /// `M_UNKNOWN` (400), a generic client error.
+    #[error("{0}")]
+    Unknown(String),
+    /// `M_LIMIT_EXCEEDED` (429).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// Storage failure (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A bug or an impossible state (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result alias for the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Limits the core enforces (a subset of the node config).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Max events per room in one sync / `/messages` page.
+    pub timeline_limit_max: usize,
+    /// Default events per room in sync when no filter says otherwise.
+    pub timeline_limit_default: usize,
+    /// Longest long-poll a client may ask for.
+    pub sync_timeout_ms_max: u64,
+    /// Whether `/register` is open.
+    pub registration_enabled: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeline_limit_max: 100,
+            timeline_limit_default: 20,
+            sync_timeout_ms_max: 30_000,
+            registration_enabled: true,
+        }
+    }
+}
+
+/// One homeserver's protocol state. Cheap to share behind an `Arc`.
+pub struct Core {
+    pub(crate) store: Arc<dyn KvStore>,
+    pub(crate) commit: GroupCommit,
+    pub(crate) identity: Identity,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) limits: Limits,
+    /// Allocation of stream positions and state-group ids, and the apply of the batch that uses
+    /// them, happen under this lock so readers never see position N+1 before N.
+    sequencer: StdMutex<Counters>,
+    /// One lock per room while an event is built, authorised and appended.
+    room_locks: StdMutex<BTreeMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The highest stream position that is durable; syncs wait on it.
+    visible: tokio::sync::watch::Sender<u64>,
+    /// Decoded state maps by group id (bounded, see `state.rs`).
+    state_cache: StdMutex<BTreeMap<u64, Arc<state::StateMap>>>,
+    started_ms: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    stream_pos: u64,
+    state_group: u64,
+}
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_STREAM: &[u8] = b"stream_pos";
+const META_STATE_GROUP: &[u8] = b"state_group";
+
+impl Core {
+    /// Open the core over `store`. Checks (or records) the schema version.
+    pub fn open(
+        store: Arc<dyn KvStore>,
+        identity: Identity,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+    ) -> Result<Arc<Self>> {
+        match store.get(Tree::Meta, META_SCHEMA)? {
+            None => {
+                store.put(Tree::Meta, META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                store.flush()?;
+            }
+            Some(v) => {
+                let v = u64_from(&v)?;
+                if v != SCHEMA_VERSION {
+                    return Err(Error::Internal(format!(
+                        "data was written with schema version {v}; this build reads version {SCHEMA_VERSION}"
+                    )));
+                }
+            }
+        }
+        let read = |k: &[u8]| -> Result<u64> {
+            Ok(match store.get(Tree::Meta, k)? {
+                Some(v) => u64_from(&v)?,
+                None => 0,
+            })
+        };
+        let counters = Counters { stream_pos: read(META_STREAM)?, state_group: read(META_STATE_GROUP)? };
+        let started_ms = clock.now_ms();
+        let (visible, _) = tokio::sync::watch::channel(counters.stream_pos);
+        Ok(Arc::new(Self {
+            store,
+            commit: GroupCommit::default(),
+            identity,
+            clock,
+            limits,
+            sequencer: StdMutex::new(counters),
+            room_locks: StdMutex::new(BTreeMap::new()),
+            visible,
+            state_cache: StdMutex::new(BTreeMap::new()),
+            started_ms,
+        }))
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The server name (hex of the public key).
+    pub fn server_name(&self) -> &ruma::ServerName {
+        self.identity.server_name()
+    }
+
+    /// Milliseconds since the epoch, from the injected clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// When this core was opened (ms since the epoch).
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The newest durable stream position.
+    pub fn visible_pos(&self) -> u64 {
+        *self.visible.borrow()
+    }
+
+    /// Subscribe to advances of the visible stream position.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.visible.subscribe()
+    }
+
+    /// Flushes performed so far (group commit efficiency).
+    pub fn flush_count(&self) -> u64 {
+        self.commit.flush_count()
+    }
+
+    /// Bytes used by the store on disk.
+    pub fn store_size(&self) -> u64 {
+        self.store.size_on_disk()
+    }
+
+    /// The lock serialising appends to `room`.
+    pub(crate) fn room_lock(&self, room: &OwnedRoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.room_locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Bound the map: drop locks nobody holds.
+        if locks.len() > 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(room.clone()).or_default().clone()
+    }
+
+    /// Apply `batch` after letting `fill` add the ops that need fresh stream positions or state
+    /// group ids, then wait until it is durable and publish it to syncs. Returns what `fill`
+    /// returned.
+    pub(crate) async fn commit<T>(
+        &self,
+        batch: Batch,
+        fill: impl FnOnce(&mut Batch, &mut dyn FnMut() -> u64, &mut dyn FnMut() -> u64) -> Result<T>,
+    ) -> Result<T> {
+        let (out, ticket, pos) = {
+            let mut batch = batch;
+            let mut c = self.sequencer.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = *c;
+            let out = {
+                let mut alloc_pos = || {
+                    next.stream_pos += 1;
+                    next.stream_pos
+                };
+                let mut alloc_sg = || {
+                    next.state_group += 1;
+                    next.state_group
+                };
+                fill(&mut batch, &mut alloc_pos, &mut alloc_sg)?
+            };
+            if next.stream_pos != c.stream_pos {
+                batch.put(Tree::Meta, META_STREAM.to_vec(), next.stream_pos.to_be_bytes().to_vec());
+            }
+            if next.state_group != c.state_group {
+                batch.put(Tree::Meta, META_STATE_GROUP.to_vec(), next.state_group.to_be_bytes().to_vec());
+            }
+            self.store.apply(batch)?;
+            *c = next;
+            (out, self.commit.wrote(), next.stream_pos)
+        };
+        self.commit.durable(&self.store, ticket).await?;
+        self.visible.send_if_modified(|v| {
+            if pos > *v {
+                *v = pos;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(out)
+    }
+
+    /// Read a JSON record.
+    pub(crate) fn get_json<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>> {
+        match self.store.get(tree, key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Store(StoreError::Corrupt(format!("{tree:?}: {e}")))),
+        }
+    }
+}
+
+/// Encode a record for storage.
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records always serialize")
+}
+
+pub(crate) fn u64_from(v: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = v.try_into().map_err(|_| Error::Store(StoreError::Corrupt("bad counter".into())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+impl Core {
+    /// Flush everything to disk (shutdown).
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.store.flush()?)
+    }
+}

@@ -1,0 +1,864 @@
+//! Rooms: creating them, appending local events (auth-checked against the room's current
+//! state), membership, redaction, and reading events back.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use ruma::{
+    events::TimelineEventType,
+    room_version_rules::RoomVersionRules,
+    state_res::{self, check_state_dependent_auth_rules, check_state_independent_auth_rules},
+    DeviceId, EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, TransactionId, UserId,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as JsonValue};
+
+use super::{
+    pdu::{self, build_and_sign, rules_for, DagPosition, Pdu, PduTemplate, SignedPdu},
+    state::StateMap,
+    to_json, Core, Error, Result,
+};
+use crate::store::{key, prefix, Batch, Tree};
+
+/// Most prev events a new local event references.
+const MAX_PREV_EVENTS: usize = 20;
+
+/// What the node keeps per room.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoomRecord {
+    /// The room version.
+    pub version: RoomVersionId,
+    /// The `m.room.create` event.
+    pub create_event: OwnedEventId,
+    /// State group of the current resolved state.
+    pub state_group: u64,
+    /// Delta-chain depth of `state_group`.
+    pub group_depth: u32,
+    /// Greatest `depth` of any event in the room.
+    pub max_depth: u64,
+}
+
+/// A stored PDU and what the node knows about it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredPdu {
+    /// Canonical JSON of the signed PDU (redacted in place once a redaction applies).
+    pub json: String,
+    /// Stream position (order of arrival on this node).
+    pub pos: u64,
+    /// State group before the event.
+    pub state_before: u64,
+    /// State group after the event (equal to `state_before` for non-state events).
+    pub state_after: u64,
+    /// `(device_id, txn_id)` for events sent by a local device.
+    #[serde(default)]
+    pub txn: Option<(String, String)>,
+    /// The redaction that applied to this event, if any.
+    #[serde(default)]
+    pub redacted_by: Option<OwnedEventId>,
+}
+
+/// A local user's membership of a room, as sync and `joined_rooms` see it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserRoom {
+    /// `join`, `invite`, `leave`, `ban`, `knock`.
+    pub membership: String,
+    /// Stream position of the membership event.
+    pub pos: u64,
+    /// The membership event.
+    pub event_id: OwnedEventId,
+    /// Set by `/forget`: the room no longer appears in sync.
+    #[serde(default)]
+    pub forgotten: bool,
+}
+
+/// An event built and authorised, not yet stored.
+struct Prepared {
+    signed: SignedPdu,
+    /// State after the event, when it is a state event.
+    state_after: Option<Arc<StateMap>>,
+    txn: Option<(String, String)>,
+}
+
+/// The working view of a room while events are appended.
+struct RoomCtx {
+    room_id: OwnedRoomId,
+    rules: RoomVersionRules,
+    record: RoomRecord,
+    state: Arc<StateMap>,
+    extremities: Vec<OwnedEventId>,
+    /// Events prepared in this batch but not yet stored (createRoom builds several at once).
+    pending: std::collections::BTreeMap<OwnedEventId, Pdu>,
+}
+
+impl RoomCtx {
+    fn fetch(&self, core: &Core, id: &EventId) -> Option<Pdu> {
+        self.pending.get(id).cloned().or_else(|| core.pdu(id).ok().flatten())
+    }
+}
+
+/// What `createRoom` asks for, already validated at the edge.
+#[derive(Clone, Debug, Default)]
+pub struct CreateRoomSpec {
+    /// Room version (default 12).
+    pub version: Option<RoomVersionId>,
+    /// `public_chat`, `private_chat`, `trusted_private_chat`.
+    pub preset: Option<String>,
+    /// `public` publishes the room in the local directory.
+    pub visibility_public: bool,
+    /// `m.room.name`.
+    pub name: Option<String>,
+    /// `m.room.topic`.
+    pub topic: Option<String>,
+    /// Local alias part (`#alias:server`).
+    pub alias_localpart: Option<String>,
+    /// Users to invite.
+    pub invite: Vec<OwnedUserId>,
+    /// `is_direct` on invites.
+    pub is_direct: bool,
+    /// Extra `m.room.create` content.
+    pub creation_content: Option<serde_json::Map<String, JsonValue>>,
+    /// Initial state events: `(type, state_key, content)`.
+    pub initial_state: Vec<(String, String, JsonValue)>,
+    /// Merged over the default power levels.
+    pub power_level_content_override: Option<serde_json::Map<String, JsonValue>>,
+}
+
+fn state_key_of(t: &TimelineEventType, k: &str) -> (String, String) {
+    (t.to_string(), k.to_owned())
+}
+
+impl Core {
+    /// The stored record of `event_id`.
+    pub fn stored_pdu(&self, event_id: &EventId) -> Result<Option<StoredPdu>> {
+        self.get_json(Tree::Pdus, event_id.as_bytes())
+    }
+
+    /// The parsed PDU `event_id`.
+    pub fn pdu(&self, event_id: &EventId) -> Result<Option<Pdu>> {
+        match self.stored_pdu(event_id)? {
+            None => Ok(None),
+            Some(s) => Pdu::from_json(event_id.to_owned(), &s.json).map(Some),
+        }
+    }
+
+    /// The state after a stored event.
+    pub fn state_after(&self, stored: &StoredPdu) -> Result<Arc<StateMap>> {
+        self.state_of_group(stored.state_after)
+    }
+
+    /// The room record, if this node knows the room.
+    pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
+        self.get_json(Tree::Rooms, room_id.as_bytes())
+    }
+
+    /// The current state of a room.
+    pub fn current_state(&self, room_id: &RoomId) -> Result<Arc<StateMap>> {
+        let record = self.room(room_id)?.ok_or_else(|| Error::NotFound("unknown room".into()))?;
+        self.state_of_group(record.state_group)
+    }
+
+    /// One current state event of a room.
+    pub fn state_event(&self, room_id: &RoomId, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
+        let state = self.current_state(room_id)?;
+        match state.get(&(kind.to_owned(), state_key.to_owned())) {
+            Some(id) => self.pdu(id),
+            None => Ok(None),
+        }
+    }
+
+    /// The membership of `user` in the current state of `room` (`None` if never a member).
+    pub fn membership(&self, room_id: &RoomId, user: &UserId) -> Result<Option<String>> {
+        let state = match self.current_state(room_id) {
+            Ok(s) => s,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        self.membership_in(&state, user)
+    }
+
+    /// The membership of `user` in `state`.
+    pub fn membership_in(&self, state: &StateMap, user: &UserId) -> Result<Option<String>> {
+        match state.get(&("m.room.member".to_owned(), user.to_string())) {
+            None => Ok(None),
+            Some(id) => Ok(self
+                .pdu(id)?
+                .and_then(|p| p.content_value().get("membership").and_then(|m| m.as_str()).map(str::to_owned))),
+        }
+    }
+
+    /// The power level of `user` in `state` (creators of v12 rooms rank above every integer).
+    pub fn power_level(&self, rules: &RoomVersionRules, state: &StateMap, user: &UserId) -> Result<i64> {
+        let create = match state.get(&("m.room.create".to_owned(), String::new())) {
+            Some(id) => self.pdu(id)?,
+            None => None,
+        };
+        let mut creators = BTreeSet::new();
+        if let Some(c) = &create {
+            let content = c.content_value();
+            if rules.authorization.use_room_create_sender {
+                creators.insert(c.sender.to_string());
+            } else if let Some(cr) = content.get("creator").and_then(|v| v.as_str()) {
+                creators.insert(cr.to_owned());
+            }
+            if rules.authorization.additional_room_creators {
+                if let Some(extra) = content.get("additional_creators").and_then(|v| v.as_array()) {
+                    creators.extend(extra.iter().filter_map(|v| v.as_str()).map(str::to_owned));
+                }
+            }
+        }
+        let is_creator = creators.contains(user.as_str());
+        if rules.authorization.explicitly_privilege_room_creators && is_creator {
+            return Ok(i64::MAX);
+        }
+        let pl = match state.get(&("m.room.power_levels".to_owned(), String::new())) {
+            Some(id) => self.pdu(id)?,
+            None => None,
+        };
+        Ok(match pl {
+            None => {
+                if is_creator {
+                    100
+                } else {
+                    0
+                }
+            }
+            Some(pl) => {
+                let c = pl.content_value();
+                c.get("users")
+                    .and_then(|u| u.get(user.as_str()))
+                    .and_then(JsonValue::as_i64)
+                    .or_else(|| c.get("users_default").and_then(JsonValue::as_i64))
+                    .unwrap_or(0)
+            }
+        })
+    }
+
+    /// The integer field `field` of the room's power levels (`default` when absent).
+    pub fn power_level_field(&self, state: &StateMap, field: &str, default: i64) -> Result<i64> {
+        Ok(match state.get(&("m.room.power_levels".to_owned(), String::new())) {
+            Some(id) => {
+                self.pdu(id)?.and_then(|p| p.content_value().get(field).and_then(JsonValue::as_i64)).unwrap_or(default)
+            }
+            None => default,
+        })
+    }
+
+    fn room_ctx(&self, room_id: &RoomId) -> Result<RoomCtx> {
+        let record =
+            self.room(room_id)?.ok_or_else(|| Error::Forbidden("you are not in this room (unknown room)".into()))?;
+        let rules = rules_for(&record.version)?;
+        let state = self.state_of_group(record.state_group)?;
+        let extremities = self
+            .store
+            .scan_prefix(Tree::Extremities, &prefix(&[room_id.as_bytes()]), usize::MAX)?
+            .into_iter()
+            .filter_map(|(_, v)| String::from_utf8(v).ok())
+            .filter_map(|s| EventId::parse(s).ok())
+            .collect();
+        Ok(RoomCtx { room_id: room_id.to_owned(), rules, record, state, extremities, pending: Default::default() })
+    }
+
+    /// Build, sign and authorise the next event of `ctx`, and advance `ctx` past it.
+    fn prepare(
+        &self,
+        ctx: &mut RoomCtx,
+        sender: &UserId,
+        template: PduTemplate,
+        txn: Option<(String, String)>,
+    ) -> Result<Prepared> {
+        let auth_types = state_res::auth_types_for_event(
+            &template.kind,
+            sender,
+            template.state_key.as_deref(),
+            &serde_json::value::to_raw_value(&template.content).map_err(|e| Error::BadJson(e.to_string()))?,
+            &ctx.rules.authorization,
+        )
+        .map_err(|e| Error::BadJson(format!("invalid content: {e}")))?;
+        let mut auth_events: Vec<OwnedEventId> =
+            auth_types.iter().filter_map(|(t, k)| ctx.state.get(&(t.to_string(), k.clone())).cloned()).collect();
+        auth_events.sort();
+        auth_events.dedup();
+        let mut prev: Vec<OwnedEventId> = ctx.extremities.clone();
+        prev.sort();
+        prev.truncate(MAX_PREV_EVENTS);
+        let signed = build_and_sign(
+            &self.identity,
+            &ctx.rules,
+            sender,
+            &template,
+            DagPosition {
+                room_id: Some(&ctx.room_id),
+                prev_events: &prev,
+                auth_events: &auth_events,
+                depth: ctx.record.max_depth + 1,
+            },
+            self.clock.now_ms(),
+        )?;
+        // Auth rules, against the event's auth events and then the current state.
+        check_state_independent_auth_rules(&ctx.rules.authorization, &signed.pdu, |id: &EventId| ctx.fetch(self, id))
+            .map_err(Error::Forbidden)?;
+        check_state_dependent_auth_rules(&ctx.rules.authorization, &signed.pdu, |t, k| {
+            ctx.state.get(&(t.to_string(), k.to_owned())).and_then(|id| ctx.fetch(self, id))
+        })
+        .map_err(Error::Forbidden)?;
+        if template.kind == TimelineEventType::RoomRedaction {
+            self.check_redaction_allowed(ctx, sender, template.redacts.as_deref())?;
+        }
+        let state_after = match &template.state_key {
+            Some(k) => {
+                let mut s = (*ctx.state).clone();
+                s.insert(state_key_of(&template.kind, k), signed.event_id.clone());
+                let s = Arc::new(s);
+                ctx.state = s.clone();
+                Some(s)
+            }
+            None => None,
+        };
+        ctx.extremities = vec![signed.event_id.clone()];
+        ctx.record.max_depth += 1;
+        ctx.pending.insert(signed.event_id.clone(), signed.pdu.clone());
+        Ok(Prepared { signed, state_after, txn })
+    }
+
+    fn check_redaction_allowed(&self, ctx: &RoomCtx, sender: &UserId, target: Option<&EventId>) -> Result<()> {
+        let target = target.ok_or_else(|| Error::BadJson("redaction without a target".into()))?;
+        let Some(t) = self.pdu(target)? else {
+            return Err(Error::NotFound("the event to redact is unknown".into()));
+        };
+        if t.room != ctx.room_id {
+            return Err(Error::NotFound("the event to redact is not in this room".into()));
+        }
+        if t.sender == sender {
+            return Ok(());
+        }
+        let mine = self.power_level(&ctx.rules, &ctx.state, sender)?;
+        let needed = self.power_level_field(&ctx.state, "redact", 50)?;
+        if mine >= needed {
+            Ok(())
+        } else {
+            Err(Error::Forbidden("you may not redact other users' events in this room".into()))
+        }
+    }
+
+    /// Queue the stores for `events` (in order) into `batch`, allocating positions and groups.
+    fn stage(
+        &self,
+        batch: &mut Batch,
+        room_id: &RoomId,
+        rules: &RoomVersionRules,
+        record: &mut RoomRecord,
+        events: &[Prepared],
+        alloc_pos: &mut dyn FnMut() -> u64,
+        alloc_sg: &mut dyn FnMut() -> u64,
+    ) -> Result<()> {
+        for p in events {
+            let pdu = &p.signed.pdu;
+            let id = &p.signed.event_id;
+            let pos = alloc_pos();
+            let state_before = record.state_group;
+            if let Some(full) = &p.state_after {
+                let sg = alloc_sg();
+                let kind = pdu.kind.to_string();
+                let sk = pdu.state_key.clone().unwrap_or_default();
+                let delta = StateMap::from([((kind.clone(), sk.clone()), id.clone())]);
+                record.group_depth =
+                    self.write_state_group(batch, sg, record.state_group, record.group_depth, &delta, full.clone())?;
+                record.state_group = sg;
+                batch.put(
+                    Tree::RoomState,
+                    key(&[room_id.as_bytes(), kind.as_bytes(), sk.as_bytes()]),
+                    id.as_bytes().to_vec(),
+                );
+                if pdu.kind == TimelineEventType::RoomMember {
+                    self.stage_membership(batch, pdu, pos)?;
+                }
+            }
+            let stored = StoredPdu {
+                json: serde_json::to_string(&p.signed.object).map_err(|e| Error::Internal(e.to_string()))?,
+                pos,
+                state_before,
+                state_after: record.state_group,
+                txn: p.txn.clone(),
+                redacted_by: None,
+            };
+            batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
+            batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
+            for prev in &pdu.prev_events {
+                batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
+            }
+            batch.put(Tree::Extremities, key(&[room_id.as_bytes(), id.as_bytes()]), id.as_bytes().to_vec());
+            if let Some((dev, txn)) = &p.txn {
+                batch.put(
+                    Tree::TxnIds,
+                    key(&[pdu.sender.as_bytes(), dev.as_bytes(), txn.as_bytes()]),
+                    id.as_bytes().to_vec(),
+                );
+            }
+            if let Some(target) =
+                pdu.content_value().get("m.relates_to").and_then(|r| r.get("event_id")).and_then(|e| e.as_str())
+            {
+                batch.put(
+                    Tree::Relations,
+                    key(&[room_id.as_bytes(), target.as_bytes(), &pos.to_be_bytes()]),
+                    id.as_bytes().to_vec(),
+                );
+            }
+            if let Some(target) = &pdu.redacts_target {
+                self.stage_redaction(batch, rules, target, id)?;
+            }
+            record.max_depth = record.max_depth.max(pdu.depth);
+        }
+        batch.put(Tree::Rooms, room_id.as_bytes().to_vec(), to_json(record));
+        Ok(())
+    }
+
+    fn stage_membership(&self, batch: &mut Batch, pdu: &Pdu, pos: u64) -> Result<()> {
+        let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) else {
+            return Ok(());
+        };
+        if target.server_name() != self.server_name() {
+            return Ok(());
+        }
+        let membership = pdu.content_value().get("membership").and_then(|m| m.as_str()).unwrap_or("leave").to_owned();
+        let ur = UserRoom { membership, pos, event_id: pdu.event_id.clone(), forgotten: false };
+        batch.put(Tree::UserRooms, key(&[target.as_bytes(), pdu.room.as_bytes()]), to_json(&ur));
+        Ok(())
+    }
+
+    fn stage_redaction(
+        &self,
+        batch: &mut Batch,
+        rules: &RoomVersionRules,
+        target: &EventId,
+        by: &EventId,
+    ) -> Result<()> {
+        let Some(mut stored) = self.stored_pdu(target)? else { return Ok(()) };
+        if stored.redacted_by.is_some() {
+            return Ok(());
+        }
+        let object = pdu::parse_object(&stored.json)?;
+        let redacted = pdu::redacted_object(object, rules, None)?;
+        stored.json = serde_json::to_string(&redacted).map_err(|e| Error::Internal(e.to_string()))?;
+        stored.redacted_by = Some(by.to_owned());
+        batch.put(Tree::Pdus, target.as_bytes().to_vec(), to_json(&stored));
+        Ok(())
+    }
+
+    /// Send one event as `sender` (from `device`, with client transaction id `txn`). Returns
+    /// once the event is durable. A repeated `(device, txn)` returns the first event's id.
+    pub async fn send_event(
+        &self,
+        sender: &UserId,
+        device: Option<&DeviceId>,
+        room_id: &RoomId,
+        template: PduTemplate,
+        txn: Option<&TransactionId>,
+    ) -> Result<OwnedEventId> {
+        let txn = match (device, txn) {
+            (Some(d), Some(t)) => {
+                let k = key(&[sender.as_bytes(), d.as_bytes(), t.as_bytes()]);
+                if let Some(id) = self.store.get(Tree::TxnIds, &k)? {
+                    let id = String::from_utf8(id).map_err(|e| Error::Internal(e.to_string()))?;
+                    return EventId::parse(id).map_err(|e| Error::Internal(e.to_string()));
+                }
+                Some((d.to_string(), t.to_string()))
+            }
+            _ => None,
+        };
+        let lock = self.room_lock(&room_id.to_owned());
+        let _guard = lock.lock().await;
+        let mut ctx = self.room_ctx(room_id)?;
+        let prepared = self.prepare(&mut ctx, sender, template, txn)?;
+        let id = prepared.signed.event_id.clone();
+        let mut record = ctx.record.clone();
+        let rules = ctx.rules.clone();
+        self.commit(Batch::new(), |batch, pos, sg| {
+            self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+        })
+        .await?;
+        Ok(id)
+    }
+
+    /// Create a room as `creator` following `spec`; every initial event is committed in one
+    /// atomic batch. Returns the room id.
+    pub async fn create_room(&self, creator: &UserId, spec: CreateRoomSpec) -> Result<OwnedRoomId> {
+        let version = spec.version.clone().unwrap_or(pdu::DEFAULT_ROOM_VERSION);
+        let rules = rules_for(&version)?;
+        // m.room.create
+        let mut create_content = spec.creation_content.clone().unwrap_or_default();
+        create_content.insert("room_version".into(), JsonValue::String(version.to_string()));
+        if !rules.authorization.use_room_create_sender {
+            create_content.insert("creator".into(), JsonValue::String(creator.to_string()));
+        } else {
+            create_content.remove("creator");
+        }
+        let explicit_room_id = if rules.authorization.room_create_event_id_as_room_id {
+            None
+        } else {
+            let local: String = (0..18).map(|_| (b'a' + rand::random::<u8>() % 26) as char).collect();
+            Some(
+                RoomId::parse(format!("!{local}:{}", self.server_name()))
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            )
+        };
+        let create_t = PduTemplate {
+            kind: TimelineEventType::RoomCreate,
+            content: JsonValue::Object(create_content),
+            state_key: Some(String::new()),
+            redacts: None,
+        };
+        let create = build_and_sign(
+            &self.identity,
+            &rules,
+            creator,
+            &create_t,
+            DagPosition { room_id: explicit_room_id.as_deref(), prev_events: &[], auth_events: &[], depth: 1 },
+            self.clock.now_ms(),
+        )?;
+        check_state_independent_auth_rules(&rules.authorization, &create.pdu, |_: &EventId| None::<Pdu>)
+            .map_err(|e| Error::BadJson(format!("invalid creation content: {e}")))?;
+        let room_id = create.pdu.room.clone();
+        let lock = self.room_lock(&room_id);
+        let _guard = lock.lock().await;
+        let state = Arc::new(StateMap::from([(("m.room.create".to_owned(), String::new()), create.event_id.clone())]));
+        let mut ctx = RoomCtx {
+            room_id: room_id.clone(),
+            rules: rules.clone(),
+            record: RoomRecord {
+                version: version.clone(),
+                create_event: create.event_id.clone(),
+                state_group: 0,
+                group_depth: 0,
+                max_depth: 1,
+            },
+            state: state.clone(),
+            extremities: vec![create.event_id.clone()],
+            pending: [(create.event_id.clone(), create.pdu.clone())].into(),
+        };
+        // The create event is staged first; the rest are built against the growing state.
+        let mut events = vec![Prepared { signed: create, state_after: Some(state), txn: None }];
+        let profile = self.profile(creator)?;
+        let mut member = json!({"membership": "join"});
+        if let Some(d) = &profile.displayname {
+            member["displayname"] = json!(d);
+        }
+        if let Some(a) = &profile.avatar_url {
+            member["avatar_url"] = json!(a);
+        }
+        let st = |kind: &str, key: &str, content: JsonValue| PduTemplate {
+            kind: TimelineEventType::from(kind),
+            content,
+            state_key: Some(key.to_owned()),
+            redacts: None,
+        };
+        events.push(self.prepare(&mut ctx, creator, st("m.room.member", creator.as_str(), member), None)?);
+
+        let preset = spec
+            .preset
+            .clone()
+            .unwrap_or_else(|| if spec.visibility_public { "public_chat" } else { "private_chat" }.to_owned());
+        let mut users = serde_json::Map::new();
+        if !rules.authorization.explicitly_privilege_room_creators {
+            users.insert(creator.to_string(), json!(100));
+        }
+        if preset == "trusted_private_chat" {
+            for u in &spec.invite {
+                users.insert(u.to_string(), json!(100));
+            }
+        }
+        let mut pl = json!({
+            "users": users,
+            "users_default": 0,
+            "events": {
+                "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+                "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+                "m.room.server_acl": 100, "m.room.encryption": 100
+            },
+            "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
+            "invite": 0, "notifications": {"room": 50}
+        });
+        if let Some(over) = &spec.power_level_content_override {
+            for (k, v) in over {
+                pl[k] = v.clone();
+            }
+        }
+        events.push(self.prepare(&mut ctx, creator, st("m.room.power_levels", "", pl), None)?);
+        let alias = match &spec.alias_localpart {
+            Some(local) => {
+                let alias = ruma::RoomAliasId::parse(format!("#{local}:{}", self.server_name()))
+                    .map_err(|e| Error::InvalidParam(format!("invalid alias: {e}")))?;
+                if self.store.get(Tree::Aliases, alias.as_bytes())?.is_some() {
+                    return Err(Error::RoomInUse("room alias already taken".into()));
+                }
+                events.push(self.prepare(
+                    &mut ctx,
+                    creator,
+                    st("m.room.canonical_alias", "", json!({"alias": alias})),
+                    None,
+                )?);
+                Some(alias)
+            }
+            None => None,
+        };
+        let (join_rule, history, guest) = match preset.as_str() {
+            "public_chat" => ("public", "shared", "forbidden"),
+            "private_chat" | "trusted_private_chat" => ("invite", "shared", "can_join"),
+            other => return Err(Error::InvalidParam(format!("unknown preset {other}"))),
+        };
+        events.push(self.prepare(
+            &mut ctx,
+            creator,
+            st("m.room.join_rules", "", json!({"join_rule": join_rule})),
+            None,
+        )?);
+        events.push(self.prepare(
+            &mut ctx,
+            creator,
+            st("m.room.history_visibility", "", json!({"history_visibility": history})),
+            None,
+        )?);
+        events.push(self.prepare(
+            &mut ctx,
+            creator,
+            st("m.room.guest_access", "", json!({"guest_access": guest})),
+            None,
+        )?);
+        for (t, k, c) in &spec.initial_state {
+            events.push(self.prepare(&mut ctx, creator, st(t, k, c.clone()), None)?);
+        }
+        if let Some(name) = &spec.name {
+            events.push(self.prepare(&mut ctx, creator, st("m.room.name", "", json!({"name": name})), None)?);
+        }
+        if let Some(topic) = &spec.topic {
+            events.push(self.prepare(&mut ctx, creator, st("m.room.topic", "", json!({"topic": topic})), None)?);
+        }
+        for u in &spec.invite {
+            let mut c = json!({"membership": "invite"});
+            if spec.is_direct {
+                c["is_direct"] = json!(true);
+            }
+            events.push(self.prepare(&mut ctx, creator, st("m.room.member", u.as_str(), c), None)?);
+        }
+        let mut record = ctx.record.clone();
+        record.max_depth = 1;
+        record.state_group = 0;
+        self.commit(Batch::new(), |batch, pos, sg| {
+            if let Some(a) = &alias {
+                batch.put(Tree::Aliases, a.as_bytes().to_vec(), room_id.as_bytes().to_vec());
+            }
+            if spec.visibility_public {
+                batch.put(Tree::Directory, room_id.as_bytes().to_vec(), Vec::new());
+            }
+            self.stage(batch, &room_id, &rules, &mut record, &events, pos, sg)
+        })
+        .await?;
+        Ok(room_id)
+    }
+
+    /// Set a membership (`join`, `invite`, `leave`, `ban`) of `target` in `room`, sent by `sender`.
+    pub async fn set_membership(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        target: &UserId,
+        membership: &str,
+        reason: Option<String>,
+        extra: Option<serde_json::Map<String, JsonValue>>,
+    ) -> Result<OwnedEventId> {
+        let mut content = serde_json::Map::new();
+        content.insert("membership".into(), json!(membership));
+        if membership == "join" || membership == "invite" {
+            let profile = self.profile(target)?;
+            if let Some(d) = profile.displayname {
+                content.insert("displayname".into(), json!(d));
+            }
+            if let Some(a) = profile.avatar_url {
+                content.insert("avatar_url".into(), json!(a));
+            }
+        }
+        if let Some(r) = reason {
+            content.insert("reason".into(), json!(r));
+        }
+        for (k, v) in extra.unwrap_or_default() {
+            content.insert(k, v);
+        }
+        let t = PduTemplate {
+            kind: TimelineEventType::RoomMember,
+            content: JsonValue::Object(content),
+            state_key: Some(target.to_string()),
+            redacts: None,
+        };
+        self.send_event(sender, None, room_id, t, None).await
+    }
+
+    /// Rooms `user` has the given membership in (local users only).
+    pub fn user_rooms(&self, user: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
+        let p = prefix(&[user.as_bytes()]);
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan_prefix(Tree::UserRooms, &p, usize::MAX)? {
+            let room = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            let Ok(room) = RoomId::parse(room) else { continue };
+            let ur: UserRoom =
+                serde_json::from_slice(&v).map_err(|e| Error::Internal(format!("bad user-room record: {e}")))?;
+            out.push((room, ur));
+        }
+        Ok(out)
+    }
+
+    /// Hide a room the user has left from sync (`/forget`).
+    pub async fn forget_room(&self, user: &UserId, room_id: &RoomId) -> Result<()> {
+        let k = key(&[user.as_bytes(), room_id.as_bytes()]);
+        let Some(mut ur): Option<UserRoom> = self.get_json(Tree::UserRooms, &k)? else {
+            return Err(Error::NotFound("you were never in this room".into()));
+        };
+        if ur.membership == "join" || ur.membership == "invite" {
+            return Err(Error::Unknown("leave the room before forgetting it".into()));
+        }
+        ur.forgotten = true;
+        let mut b = Batch::new();
+        b.put(Tree::UserRooms, k, to_json(&ur));
+        self.commit(b, |_, _, _| Ok(())).await
+    }
+
+    /// Members of a room with their membership (from current state).
+    pub fn members(&self, room_id: &RoomId) -> Result<Vec<(OwnedUserId, Pdu)>> {
+        let state = self.current_state(room_id)?;
+        let mut out = Vec::new();
+        for ((t, k), id) in state.iter() {
+            if t == "m.room.member" {
+                if let (Ok(u), Some(p)) = (UserId::parse(k.as_str()), self.pdu(id)?) {
+                    out.push((u, p));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The room an alias points to.
+    pub fn resolve_alias(&self, alias: &ruma::RoomAliasId) -> Result<Option<OwnedRoomId>> {
+        match self.store.get(Tree::Aliases, alias.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Ok(RoomId::parse(String::from_utf8_lossy(&v).into_owned()).ok()),
+        }
+    }
+
+    /// Point `alias` at `room_id` (fails if taken).
+    pub async fn set_alias(&self, alias: &ruma::RoomAliasId, room_id: &RoomId) -> Result<()> {
+        if alias.server_name() != self.server_name() {
+            return Err(Error::InvalidParam("alias must be on this server".into()));
+        }
+        if self.store.get(Tree::Aliases, alias.as_bytes())?.is_some() {
+            return Err(Error::RoomInUse("room alias already exists".into()));
+        }
+        let mut b = Batch::new();
+        b.put(Tree::Aliases, alias.as_bytes().to_vec(), room_id.as_bytes().to_vec());
+        self.commit(b, |_, _, _| Ok(())).await
+    }
+
+    /// Remove an alias.
+    pub async fn delete_alias(&self, alias: &ruma::RoomAliasId) -> Result<()> {
+        if self.store.get(Tree::Aliases, alias.as_bytes())?.is_none() {
+            return Err(Error::NotFound("unknown alias".into()));
+        }
+        let mut b = Batch::new();
+        b.delete(Tree::Aliases, alias.as_bytes().to_vec());
+        self.commit(b, |_, _, _| Ok(())).await
+    }
+
+    /// Publish or unpublish a room in the local directory.
+    pub async fn set_directory_visibility(&self, room_id: &RoomId, public: bool) -> Result<()> {
+        let mut b = Batch::new();
+        if public {
+            b.put(Tree::Directory, room_id.as_bytes().to_vec(), Vec::new());
+        } else {
+            b.delete(Tree::Directory, room_id.as_bytes().to_vec());
+        }
+        self.commit(b, |_, _, _| Ok(())).await
+    }
+
+    /// Whether a room is published.
+    pub fn is_published(&self, room_id: &RoomId) -> Result<bool> {
+        Ok(self.store.get(Tree::Directory, room_id.as_bytes())?.is_some())
+    }
+
+    /// Published rooms.
+    pub fn published_rooms(&self) -> Result<Vec<OwnedRoomId>> {
+        Ok(self
+            .store
+            .scan_prefix(Tree::Directory, b"", usize::MAX)?
+            .into_iter()
+            .filter_map(|(k, _)| RoomId::parse(String::from_utf8_lossy(&k).into_owned()).ok())
+            .collect())
+    }
+
+    /// Local aliases pointing at `room`.
+    pub fn room_aliases(&self, room: &RoomId) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .scan_prefix(Tree::Aliases, b"", usize::MAX)?
+            .into_iter()
+            .filter(|(_, v)| v.as_slice() == room.as_bytes())
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+            .collect())
+    }
+
+    /// A `publicRooms` chunk entry for `room`.
+    pub fn public_room_entry(&self, room: &RoomId) -> Result<JsonValue> {
+        let state = self.current_state(room)?;
+        let get = |t: &str, field: &str| -> Result<Option<JsonValue>> {
+            Ok(match state.get(&(t.to_owned(), String::new())) {
+                Some(id) => self.pdu(id)?.and_then(|p| p.content_value().get(field).cloned()),
+                None => None,
+            })
+        };
+        let joined = self
+            .members(room)?
+            .iter()
+            .filter(|(_, p)| p.content_value().get("membership").and_then(|m| m.as_str()) == Some("join"))
+            .count();
+        let mut e = json!({
+            "room_id": room,
+            "num_joined_members": joined,
+            "world_readable": get("m.room.history_visibility", "history_visibility")?.as_ref().and_then(|v| v.as_str()) == Some("world_readable"),
+            "guest_can_join": get("m.room.guest_access", "guest_access")?.as_ref().and_then(|v| v.as_str()) == Some("can_join"),
+            "join_rule": get("m.room.join_rules", "join_rule")?.unwrap_or(json!("invite")),
+        });
+        for (key, t, f) in [
+            ("name", "m.room.name", "name"),
+            ("topic", "m.room.topic", "topic"),
+            ("canonical_alias", "m.room.canonical_alias", "alias"),
+            ("avatar_url", "m.room.avatar", "url"),
+            ("room_type", "m.room.create", "type"),
+        ] {
+            if let Some(v) = get(t, f)? {
+                e[key] = v;
+            }
+        }
+        Ok(e)
+    }
+
+    /// Whether `user` may see `pdu` under the room's history visibility.
+    pub fn can_see_event(&self, user: &UserId, pdu: &Pdu, stored: &StoredPdu) -> Result<bool> {
+        let state = self.state_of_group(stored.state_before)?;
+        let hv = match state.get(&("m.room.history_visibility".to_owned(), String::new())) {
+            Some(id) => self
+                .pdu(id)?
+                .and_then(|p| p.content_value().get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| "shared".into()),
+            None => "shared".into(),
+        };
+        if hv == "world_readable" {
+            return Ok(true);
+        }
+        // The user's own membership event is always visible to them.
+        if pdu.state_key.as_deref() == Some(user.as_str()) {
+            return Ok(true);
+        }
+        let at_event = self.membership_in(&state, user)?;
+        Ok(match hv.as_str() {
+            "joined" => at_event.as_deref() == Some("join"),
+            "invited" => matches!(at_event.as_deref(), Some("join") | Some("invite")),
+            // shared: visible while joined at the event, or to current members.
+            _ => at_event.as_deref() == Some("join") || self.membership(&pdu.room, user)?.as_deref() == Some("join"),
+        })
+    }
+}

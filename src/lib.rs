@@ -1,0 +1,27 @@
+//! outpost: a Matrix homeserver small enough that every device runs its own.
+//!
+//! # Layout
+//! - `main.rs` — the `outpost` CLI (`run`).
+//! - `config.rs` — settings: defaults, TOML file, `OUTPOST_*` environment.
+//! - `server.rs` — wires a node together: opens sled, loads the key, serves HTTP, shuts down.
+//! - `identity.rs` — the node key; server name = hex of the public key.
+//! - `clock.rs` — the clock trait (real or virtual).
+//! - `store/` — the key-value trait, sled and in-memory implementations, group commit.
+//! - `core/` — the protocol, with no I/O of its own:
+//!   `pdu.rs` (build/hash/sign/redact PDUs via ruma), `rooms.rs` (create, append with auth
+//!   checks, membership), `state.rs` (state groups, auth chains, state resolution),
+//!   `sync.rs` (sync, messages, context), `users.rs` (accounts, devices, profiles, account
+//!   data, filters), `filter.rs`, `status.rs`.
+//! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
+//!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`), `server.rs`
+//!   (server keys), `outpost.rs` (`/_outpost/v1` status and PDU inspection).
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod core;
+pub mod identity;
+pub mod server;
+pub mod store;

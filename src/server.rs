@@ -1,0 +1,150 @@
+//! Wiring a node: data dir, key, sled, core, HTTP listener; and a clean shutdown.
+//!
+//! [`start`] returns a [`Node`] handle so tests and examples can run several nodes in one
+//! process; [`run`] is what `outpost run` calls: start, wait for Ctrl-C / SIGTERM, stop.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+use crate::{
+    api::{self, AppState},
+    clock::SystemClock,
+    config::Config,
+    core::{self, Core},
+    identity::{Identity, IdentityError},
+    store::{KvStore, SledStore, StoreError},
+};
+
+/// Why a node could not start. Each displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be created or used.
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened (including: already in use).
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The key could not be loaded or created.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// The core refused the stored data (e.g. a newer schema).
+    #[error("{0}")]
+    Core(#[from] core::Error),
+    /// The client address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A running node.
+pub struct Node {
+    /// The address the client API listens on.
+    pub client_addr: SocketAddr,
+    /// The protocol core.
+    pub core: Arc<Core>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), std::io::Error>>>,
+}
+
+impl Node {
+    /// `http://<client_addr>`.
+    pub fn client_url(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    /// Stop serving, wait for in-flight requests, flush the store.
+    pub async fn stop(mut self) -> Result<(), StartError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(r) => r.map_err(StartError::Serve)?,
+                Err(e) => tracing::warn!(error = %e, "HTTP task ended abnormally"),
+            }
+        }
+        self.core.flush()?;
+        Ok(())
+    }
+}
+
+/// Open the node's storage and key in `config.data_dir` and start serving the client API.
+pub async fn start(config: Config) -> Result<Node, StartError> {
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir { path: dir.display().to_string(), source })?;
+    // Open sled first: its lock makes a second process on the same directory fail here,
+    // before it touches anything else.
+    let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.join("db"), config.limits.sled_cache_bytes)?);
+    let identity = Identity::load_or_create(&dir)?;
+    let limits = core::Limits {
+        timeline_limit_max: config.limits.timeline_limit_max,
+        timeline_limit_default: config.limits.timeline_limit_default,
+        sync_timeout_ms_max: config.limits.sync_timeout_ms_max,
+        registration_enabled: config.registration_enabled,
+    };
+    let core = Core::open(store, identity, Arc::new(SystemClock), limits)?;
+    let listener = TcpListener::bind(config.client_addr)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.client_addr, source })?;
+    let client_addr = listener.local_addr().map_err(StartError::Serve)?;
+    let max_concurrent = config.limits.max_concurrent_requests;
+    let state = AppState { core: core.clone(), config: Arc::new(config) };
+    let app = api::router(state).layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrent));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(
+        server_name = %core.server_name(),
+        peer_id = %core.peer_id(),
+        client_url = %format!("http://{client_addr}"),
+        "outpost node ready"
+    );
+    Ok(Node { client_addr, core, shutdown: Some(tx), task: Some(task) })
+}
+
+/// Run a node until Ctrl-C or SIGTERM.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let node = start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.stop().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

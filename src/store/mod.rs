@@ -1,0 +1,288 @@
+//! Storage: a narrow key-value trait, and its implementations.
+//!
+//! Nothing above this module names sled. The protocol code sees named trees of ordered byte keys,
+//! atomic batches that may span trees, and an explicit [`KvStore::flush`] that makes everything
+//! written so far durable. [`GroupCommit`] turns many concurrent "make my write durable" requests
+//! into one flush.
+
+mod memory;
+mod sled_store;
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+/// What can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The underlying database reported an error (I/O, corruption).
+    #[error("storage error: {0}")]
+    Backend(String),
+    /// The data directory is already in use by another process.
+    #[error("the data directory {0} is already in use by another outpost process")]
+    Locked(String),
+    /// A stored value could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Result alias for storage operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The named trees the node uses. A fixed list, so a typo is a compile error and the key layout
+/// is documented in one place (see `docs/storage.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tree {
+    /// `key → value` node-wide metadata: schema version, counters.
+    Meta,
+    /// `user_id → UserRecord`.
+    Users,
+    /// `access_token → (user_id, device_id)`.
+    Tokens,
+    /// `user_id 0xff device_id → DeviceRecord`.
+    Devices,
+    /// `user_id 0xff device_id 0xff txn_id → event_id`.
+    TxnIds,
+    /// `room_id → RoomRecord`.
+    Rooms,
+    /// `event_id → StoredPdu` (the signed federation-format PDU plus local metadata).
+    Pdus,
+    /// `room_id 0xff stream_pos(be u64) → event_id`: a room's timeline in arrival order.
+    Timeline,
+    /// `room_id 0xff event_type 0xff state_key → event_id`: current resolved state.
+    RoomState,
+    /// `state_group(be u64) → StateGroup` (delta against a parent group).
+    StateGroups,
+    /// `room_id 0xff event_id → ()`: forward extremities.
+    Extremities,
+    /// `user_id 0xff room_id → Membership` (the user's own view of their rooms).
+    UserRooms,
+    /// `user_id 0xff room_id-or-empty 0xff type → AccountData`.
+    AccountData,
+    /// `user_id 0xff filter_id → filter JSON`.
+    Filters,
+    /// `alias → room_id`.
+    Aliases,
+    /// `room_id → ()`: rooms published in the local room directory.
+    Directory,
+    /// `room_id 0xff target_event_id 0xff relation_event_pos(be u64) → relation event id`.
+    Relations,
+}
+
+impl Tree {
+    /// The on-disk prefix byte of this tree. Never reuse a retired value.
+    pub const fn prefix(self) -> u8 {
+        match self {
+            Tree::Meta => 1,
+            Tree::Users => 2,
+            Tree::Tokens => 3,
+            Tree::Devices => 4,
+            Tree::TxnIds => 5,
+            Tree::Rooms => 6,
+            Tree::Pdus => 7,
+            Tree::Timeline => 8,
+            Tree::RoomState => 9,
+            Tree::StateGroups => 10,
+            Tree::Extremities => 11,
+            Tree::UserRooms => 12,
+            Tree::AccountData => 13,
+            Tree::Filters => 14,
+            Tree::Aliases => 15,
+            Tree::Directory => 16,
+            Tree::Relations => 17,
+        }
+    }
+}
+
+/// One change inside a [`Batch`].
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put(Tree, Vec<u8>, Vec<u8>),
+    /// Remove `key`.
+    Delete(Tree, Vec<u8>),
+}
+
+/// A set of changes applied atomically: after a crash either all of them are visible or none.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// The changes, applied in order.
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Queue `key = value` in `tree`.
+    pub fn put(&mut self, tree: Tree, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(tree, key.into(), value.into()));
+    }
+    /// Queue the removal of `key` from `tree`.
+    pub fn delete(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(tree, key.into()));
+    }
+    /// Whether the batch holds no change.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A key and its value, as returned by scans.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// The storage trait. Implementations must be cheap to call from async code (no long blocking
+/// except [`KvStore::flush`], which callers run on a blocking thread).
+pub trait KvStore: Send + Sync + 'static {
+    /// The value of `key` in `tree`.
+    fn get(&self, tree: Tree, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+    /// Apply `batch` atomically. The change is visible to readers at once, durable after the
+    /// next [`KvStore::flush`].
+    fn apply(&self, batch: Batch) -> StoreResult<()>;
+    /// Entries of `tree` whose key starts with `prefix` and lies in `[from, to)` (both relative to
+    /// the whole key; `None` means unbounded), in key order, or reversed.
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        to: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<Entry>>;
+    /// Make every applied batch durable.
+    fn flush(&self) -> StoreResult<()>;
+    /// Approximate bytes used on disk.
+    fn size_on_disk(&self) -> u64;
+
+    /// Insert one key (convenience for a one-op batch).
+    fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        let mut b = Batch::new();
+        b.put(tree, key, value);
+        self.apply(b)
+    }
+    /// All entries whose key starts with `prefix`, in key order, at most `limit`.
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8], limit: usize) -> StoreResult<Vec<Entry>> {
+        self.scan(tree, prefix, None, None, false, limit)
+    }
+}
+
+/// Builds composite keys: parts separated by `0xff`, which never occurs in UTF-8 text.
+pub fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0xff);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// `parts` joined as by [`key`], followed by a trailing separator: the prefix of every key that
+/// extends `parts` by one more part.
+pub fn prefix(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = key(parts);
+    k.push(0xff);
+    k
+}
+
+/// Group commit: many writers ask for durability, one flush serves all who wrote before it.
+///
+/// Call [`GroupCommit::wrote`] after applying a batch, then `.await` [`GroupCommit::durable`] with
+/// the ticket before acknowledging. Flushes run on tokio's blocking pool.
+pub struct GroupCommit {
+    written: AtomicU64,
+    flushed: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
+    flushes: AtomicU64,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            lock: tokio::sync::Mutex::new(()),
+            flushes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl GroupCommit {
+    /// Record that a batch was applied; returns the ticket to wait on.
+    pub fn wrote(&self) -> u64 {
+        self.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Wait until the write with `ticket` (and every earlier one) is on disk.
+    pub async fn durable(&self, store: &Arc<dyn KvStore>, ticket: u64) -> StoreResult<()> {
+        if self.flushed.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        let _guard = self.lock.lock().await;
+        if self.flushed.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        let target = self.written.load(Ordering::SeqCst);
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.flush())
+            .await
+            .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))??;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.flushed.store(target, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// How many flushes have run (for status and benchmarks).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(store: &dyn KvStore) {
+        let mut b = Batch::new();
+        b.put(Tree::Timeline, key(&[b"!a", &1u64.to_be_bytes()]), b"e1".to_vec());
+        b.put(Tree::Timeline, key(&[b"!a", &2u64.to_be_bytes()]), b"e2".to_vec());
+        b.put(Tree::Timeline, key(&[b"!b", &1u64.to_be_bytes()]), b"x".to_vec());
+        b.put(Tree::Pdus, b"!a".to_vec(), b"other tree".to_vec());
+        store.apply(b).unwrap();
+        let all = store.scan_prefix(Tree::Timeline, &prefix(&[b"!a"]), 10).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].1, b"e1");
+        let rev = store.scan(Tree::Timeline, &prefix(&[b"!a"]), None, None, true, 1).unwrap();
+        assert_eq!(rev[0].1, b"e2");
+        let from = key(&[b"!a", &2u64.to_be_bytes()]);
+        let after = store.scan(Tree::Timeline, &prefix(&[b"!a"]), Some(&from), None, false, 10).unwrap();
+        assert_eq!(after.len(), 1);
+        let before = store.scan(Tree::Timeline, &prefix(&[b"!a"]), None, Some(&from), true, 10).unwrap();
+        assert_eq!(before.len(), 1);
+        assert_eq!(before[0].1, b"e1");
+        assert_eq!(store.get(Tree::Pdus, b"!a").unwrap().unwrap(), b"other tree");
+        let mut d = Batch::new();
+        d.delete(Tree::Pdus, b"!a".to_vec());
+        store.apply(d).unwrap();
+        assert!(store.get(Tree::Pdus, b"!a").unwrap().is_none());
+        store.flush().unwrap();
+    }
+
+    #[test]
+    fn memory_store_semantics() {
+        exercise(&MemoryStore::default());
+    }
+
+    #[test]
+    fn sled_store_semantics() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise(&SledStore::open(dir.path(), 1 << 20).unwrap());
+    }
+}
