@@ -64,9 +64,7 @@ impl Identity {
     pub fn from_seed(seed: [u8; 32]) -> Self {
         let signing_key = SigningKey::from_bytes(&seed);
         let public = signing_key.verifying_key().to_bytes();
-        let key_pair =
-            Ed25519KeyPair::new(ed25519_dalek::pkcs8::ALGORITHM_OID, &seed, Some(&public), KEY_VERSION.to_owned())
-                .expect("a 32-byte seed with its own public key is a valid key pair");
+        let key_pair = key_pair_from_seed(&seed, KEY_VERSION);
         let server_name = OwnedServerName::try_from(hex(&public)).expect("64 hex chars are a valid server name");
         Self { signing_key, key_pair, server_name }
     }
@@ -126,6 +124,14 @@ impl Identity {
     pub fn seed(&self) -> [u8; 32] {
         self.signing_key.to_bytes()
     }
+}
+
+/// A `ruma::signatures` key pair from a 32-byte ed25519 seed, with key version `version`
+/// (the key id is `ed25519:<version>`).
+pub fn key_pair_from_seed(seed: &[u8; 32], version: &str) -> Ed25519KeyPair {
+    let public = SigningKey::from_bytes(seed).verifying_key().to_bytes();
+    Ed25519KeyPair::new(ed25519_dalek::pkcs8::ALGORITHM_OID, seed, Some(&public), version.to_owned())
+        .expect("a 32-byte seed with its own public key is a valid key pair")
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -226,8 +226,7 @@ pub fn build_and_sign(
     }
     let mut object = ruma::canonical_json::try_from_json_map(obj)
         .map_err(|e| Error::BadJson(format!("event is not canonical JSON: {e}")))?;
-    hash_and_sign_event(identity.server_name().as_str(), identity.key_pair(), &mut object, &rules.redaction)
-        .map_err(|e| Error::BadJson(format!("cannot sign event: {e}")))?;
+    hash_and_sign(identity.server_name().as_str(), identity.key_pair(), &mut object, rules)?;
     let len = serde_json::to_vec(&object).map(|v| v.len()).unwrap_or(usize::MAX);
     if len > MAX_PDU_BYTES {
         return Err(Error::TooLarge(format!("event is {len} bytes; the limit is {MAX_PDU_BYTES}")));
@@ -236,6 +235,42 @@ pub fn build_and_sign(
     let json = serde_json::to_string(&object).map_err(|e| Error::Internal(e.to_string()))?;
     let pdu = Pdu::from_json(event_id.clone(), &json)?;
     Ok(SignedPdu { event_id, object, pdu })
+}
+
+/// Canonical JSON text of `value` (spec appendix "Canonical JSON"). Integral numbers written
+/// with an exponent or as `-0` are normalised to integers; other floats are rejected.
+pub fn canonical_json(value: &JsonValue) -> Result<String, Error> {
+    fn normalise(v: &JsonValue) -> Result<JsonValue, Error> {
+        Ok(match v {
+            JsonValue::Number(n) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_991.0 {
+                    JsonValue::from(f as i64)
+                } else {
+                    return Err(Error::BadJson(format!("{n} is not an integer in the canonical range")));
+                }
+            }
+            JsonValue::Array(a) => JsonValue::Array(a.iter().map(normalise).collect::<Result<_, _>>()?),
+            JsonValue::Object(o) => {
+                JsonValue::Object(o.iter().map(|(k, v)| Ok((k.clone(), normalise(v)?))).collect::<Result<_, Error>>()?)
+            }
+            other => other.clone(),
+        })
+    }
+    let cj: CanonicalJsonValue =
+        normalise(value)?.try_into().map_err(|e| Error::BadJson(format!("not canonical JSON: {e}")))?;
+    Ok(cj.to_string())
+}
+
+/// Add the content hash and this server's signature to `object` (spec "Signing Events").
+pub fn hash_and_sign(
+    entity: &str,
+    key_pair: &ruma::signatures::Ed25519KeyPair,
+    object: &mut CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> Result<(), Error> {
+    hash_and_sign_event(entity, key_pair, object, &rules.redaction)
+        .map_err(|e| Error::BadJson(format!("cannot sign event: {e}")))
 }
 
 /// The event id of a PDU: `$` + the reference hash (room v4+ format).
