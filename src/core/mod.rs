@@ -321,3 +321,6 @@ impl Core {
         Ok(self.store.flush()?)
     }
 }
+
+#[cfg(test)]
+mod tests;

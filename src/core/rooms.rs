@@ -31,8 +31,6 @@ pub struct RoomRecord {
     pub create_event: OwnedEventId,
     /// State group of the current resolved state.
     pub state_group: u64,
-    /// Delta-chain depth of `state_group`.
-    pub group_depth: u32,
     /// Greatest `depth` of any event in the room.
     pub max_depth: u64,
 }
@@ -70,11 +68,28 @@ pub struct UserRoom {
     pub forgotten: bool,
 }
 
+/// Where the state before a prepared event lives.
+#[derive(Clone, Debug)]
+enum BeforeGroup {
+    /// The room's current state as it stands while the batch is staged (linear appends).
+    Current,
+    /// An existing state group.
+    Known(u64),
+    /// A resolved state that needs a new group (the event merges forks).
+    New,
+}
+
 /// An event built and authorised, not yet stored.
 struct Prepared {
     signed: SignedPdu,
+    /// State before the event.
+    before: Arc<StateMap>,
+    before_group: BeforeGroup,
     /// State after the event, when it is a state event.
     state_after: Option<Arc<StateMap>>,
+    /// The room's current state after this event, when it differs from the event's own state
+    /// after (an event on a side branch of the DAG).
+    room_state: Option<Arc<StateMap>>,
     txn: Option<(String, String)>,
 }
 
@@ -303,6 +318,7 @@ impl Core {
         if template.kind == TimelineEventType::RoomRedaction {
             self.check_redaction_allowed(ctx, sender, template.redacts.as_deref())?;
         }
+        let before = ctx.state.clone();
         let state_after = match &template.state_key {
             Some(k) => {
                 let mut s = (*ctx.state).clone();
@@ -316,7 +332,7 @@ impl Core {
         ctx.extremities = vec![signed.event_id.clone()];
         ctx.record.max_depth += 1;
         ctx.pending.insert(signed.event_id.clone(), signed.pdu.clone());
-        Ok(Prepared { signed, state_after, txn })
+        Ok(Prepared { signed, before, before_group: BeforeGroup::Current, state_after, room_state: None, txn })
     }
 
     fn check_redaction_allowed(&self, ctx: &RoomCtx, sender: &UserId, target: Option<&EventId>) -> Result<()> {
@@ -339,7 +355,22 @@ impl Core {
         }
     }
 
+    /// The delta-chain depth of group `sg` (0 for the empty state or a snapshot).
+    fn group_depth(&self, sg: u64, written: &std::collections::BTreeMap<u64, u32>) -> Result<u32> {
+        if sg == 0 {
+            return Ok(0);
+        }
+        if let Some(d) = written.get(&sg) {
+            return Ok(*d);
+        }
+        Ok(self
+            .get_json::<super::state::StateGroup>(Tree::StateGroups, &sg.to_be_bytes())?
+            .map(|g| g.depth)
+            .unwrap_or(u32::MAX))
+    }
+
     /// Queue the stores for `events` (in order) into `batch`, allocating positions and groups.
+    #[allow(clippy::too_many_arguments)]
     fn stage(
         &self,
         batch: &mut Batch,
@@ -350,33 +381,58 @@ impl Core {
         alloc_pos: &mut dyn FnMut() -> u64,
         alloc_sg: &mut dyn FnMut() -> u64,
     ) -> Result<()> {
+        let mut written = std::collections::BTreeMap::new();
+        let mut room_map = self.state_of_group(record.state_group)?;
         for p in events {
             let pdu = &p.signed.pdu;
             let id = &p.signed.event_id;
             let pos = alloc_pos();
-            let state_before = record.state_group;
-            if let Some(full) = &p.state_after {
-                let sg = alloc_sg();
-                let kind = pdu.kind.to_string();
-                let sk = pdu.state_key.clone().unwrap_or_default();
-                let delta = StateMap::from([((kind.clone(), sk.clone()), id.clone())]);
-                record.group_depth =
-                    self.write_state_group(batch, sg, record.state_group, record.group_depth, &delta, full.clone())?;
-                record.state_group = sg;
-                batch.put(
-                    Tree::RoomState,
-                    key(&[room_id.as_bytes(), kind.as_bytes(), sk.as_bytes()]),
-                    id.as_bytes().to_vec(),
-                );
-                if pdu.kind == TimelineEventType::RoomMember {
-                    self.stage_membership(batch, pdu, pos)?;
+            let before_sg = match p.before_group {
+                BeforeGroup::Current => record.state_group,
+                BeforeGroup::Known(g) => g,
+                BeforeGroup::New => {
+                    let sg = alloc_sg();
+                    let d = self.write_state_group(batch, sg, 0, 0, &StateMap::new(), p.before.clone())?;
+                    written.insert(sg, d);
+                    sg
                 }
-            }
+            };
+            let after_sg = match &p.state_after {
+                Some(full) => {
+                    let sg = alloc_sg();
+                    let delta = StateMap::from([(
+                        (pdu.kind.to_string(), pdu.state_key.clone().unwrap_or_default()),
+                        id.clone(),
+                    )]);
+                    let parent_depth = self.group_depth(before_sg, &written)?;
+                    let d = self.write_state_group(batch, sg, before_sg, parent_depth, &delta, full.clone())?;
+                    written.insert(sg, d);
+                    sg
+                }
+                None => before_sg,
+            };
+            // The room's current state after this event.
+            let (new_room_sg, new_room_map) = match &p.room_state {
+                None => (after_sg, p.state_after.clone().unwrap_or_else(|| p.before.clone())),
+                Some(rs) if Some(rs) == p.state_after.as_ref() || (p.state_after.is_none() && *rs == p.before) => {
+                    (after_sg, rs.clone())
+                }
+                Some(rs) => {
+                    let sg = alloc_sg();
+                    let d = self.write_state_group(batch, sg, 0, 0, &StateMap::new(), rs.clone())?;
+                    written.insert(sg, d);
+                    (sg, rs.clone())
+                }
+            };
+            let in_batch = |id: &EventId| events.iter().find(|e| e.signed.event_id == *id).map(|e| e.signed.pdu.clone());
+            self.stage_membership_changes(batch, room_id, &room_map, &new_room_map, pos, &in_batch)?;
+            record.state_group = new_room_sg;
+            room_map = new_room_map;
             let stored = StoredPdu {
                 json: serde_json::to_string(&p.signed.object).map_err(|e| Error::Internal(e.to_string()))?,
                 pos,
-                state_before,
-                state_after: record.state_group,
+                state_before: before_sg,
+                state_after: after_sg,
                 txn: p.txn.clone(),
                 redacted_by: None,
             };
@@ -411,16 +467,31 @@ impl Core {
         Ok(())
     }
 
-    fn stage_membership(&self, batch: &mut Batch, pdu: &Pdu, pos: u64) -> Result<()> {
-        let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) else {
-            return Ok(());
-        };
-        if target.server_name() != self.server_name() {
-            return Ok(());
+    /// Record, for local users, every membership that differs between two room states.
+    fn stage_membership_changes(
+        &self,
+        batch: &mut Batch,
+        room_id: &RoomId,
+        old: &StateMap,
+        new: &StateMap,
+        pos: u64,
+        in_batch: &dyn Fn(&EventId) -> Option<Pdu>,
+    ) -> Result<()> {
+        for ((t, k), id) in new.iter() {
+            if t != "m.room.member" || old.get(&(t.clone(), k.clone())) == Some(id) {
+                continue;
+            }
+            let Ok(target) = UserId::parse(k.as_str()) else { continue };
+            if target.server_name() != self.server_name() {
+                continue;
+            }
+            let membership = match in_batch(id).map_or_else(|| self.pdu(id), |p| Ok(Some(p)))? {
+                Some(p) => p.content_value().get("membership").and_then(|m| m.as_str()).unwrap_or("leave").to_owned(),
+                None => continue,
+            };
+            let ur = UserRoom { membership, pos, event_id: id.clone(), forgotten: false };
+            batch.put(Tree::UserRooms, key(&[target.as_bytes(), room_id.as_bytes()]), to_json(&ur));
         }
-        let membership = pdu.content_value().get("membership").and_then(|m| m.as_str()).unwrap_or("leave").to_owned();
-        let ur = UserRoom { membership, pos, event_id: pdu.event_id.clone(), forgotten: false };
-        batch.put(Tree::UserRooms, key(&[target.as_bytes(), pdu.room.as_bytes()]), to_json(&ur));
         Ok(())
     }
 
@@ -478,6 +549,70 @@ impl Core {
         Ok(id)
     }
 
+    /// Append an event as `sender` on top of `prev_events`, which may be a side branch of the
+    /// DAG or several branches to merge. The state before the event is resolved from its
+    /// parents (state resolution v2 / v2.1); the room's current state is resolved from the new
+    /// forward extremities. Local clients normally use [`Core::send_event`], which builds on all
+    /// extremities; this is how the DAG forks and merges (and how the tests make it do so).
+    pub async fn send_event_on(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        template: PduTemplate,
+        prev_events: Vec<OwnedEventId>,
+    ) -> Result<OwnedEventId> {
+        if prev_events.is_empty() || prev_events.len() > MAX_PREV_EVENTS {
+            return Err(Error::InvalidParam("an event needs 1 to 20 prev events".into()));
+        }
+        let lock = self.room_lock(&room_id.to_owned());
+        let _guard = lock.lock().await;
+        let mut ctx = self.room_ctx(room_id)?;
+        let old_extremities = ctx.extremities.clone();
+        let saved_depth = ctx.record.max_depth;
+        let mut forks = Vec::new();
+        let mut max_depth = 0;
+        for prev in &prev_events {
+            let stored = self.stored_pdu(prev)?.ok_or_else(|| Error::NotFound(format!("unknown prev event {prev}")))?;
+            let pdu = Pdu::from_json(prev.clone(), &stored.json)?;
+            if pdu.room != room_id {
+                return Err(Error::InvalidParam(format!("prev event {prev} is in another room")));
+            }
+            max_depth = max_depth.max(pdu.depth);
+            forks.push((stored.state_after, self.state_after(&stored)?));
+        }
+        let maps: Vec<Arc<StateMap>> = forks.iter().map(|(_, m)| m.clone()).collect();
+        let before = Arc::new(self.resolve_state(&ctx.rules, &maps)?);
+        let before_group = match forks.as_slice() {
+            [(g, m)] if **m == *before => BeforeGroup::Known(*g),
+            _ if forks.iter().all(|(_, m)| **m == *before) => BeforeGroup::Known(forks[0].0),
+            _ => BeforeGroup::New,
+        };
+        ctx.state = before;
+        ctx.extremities = prev_events.clone();
+        ctx.record.max_depth = max_depth;
+        let mut prepared = self.prepare(&mut ctx, sender, template, None)?;
+        prepared.before_group = before_group;
+        let new_id = prepared.signed.event_id.clone();
+        // The room's state is the resolution of the states after every forward extremity.
+        let mut ext_states = vec![prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone())];
+        for e in old_extremities.iter().filter(|e| !prev_events.contains(e)) {
+            if let Some(st) = self.stored_pdu(e)? {
+                ext_states.push(self.state_after(&st)?);
+            }
+        }
+        let new_pdu = prepared.signed.pdu.clone();
+        let fetch = |id: &EventId| if *id == *new_id { Ok(Some(new_pdu.clone())) } else { self.pdu(id) };
+        prepared.room_state = Some(Arc::new(self.resolve_state_with(&ctx.rules, &ext_states, &fetch)?));
+        let mut record = ctx.record.clone();
+        record.max_depth = saved_depth.max(new_pdu.depth);
+        let rules = ctx.rules.clone();
+        self.commit(Batch::new(), |batch, pos, sg| {
+            self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+        })
+        .await?;
+        Ok(new_id)
+    }
+
     /// Create a room as `creator` following `spec`; every initial event is committed in one
     /// atomic batch. Returns the room id.
     pub async fn create_room(&self, creator: &UserId, spec: CreateRoomSpec) -> Result<OwnedRoomId> {
@@ -527,7 +662,6 @@ impl Core {
                 version: version.clone(),
                 create_event: create.event_id.clone(),
                 state_group: 0,
-                group_depth: 0,
                 max_depth: 1,
             },
             state: state.clone(),
@@ -535,7 +669,14 @@ impl Core {
             pending: [(create.event_id.clone(), create.pdu.clone())].into(),
         };
         // The create event is staged first; the rest are built against the growing state.
-        let mut events = vec![Prepared { signed: create, state_after: Some(state), txn: None }];
+        let mut events = vec![Prepared {
+            signed: create,
+            before: Arc::new(StateMap::new()),
+            before_group: BeforeGroup::Known(0),
+            state_after: Some(state),
+            room_state: None,
+            txn: None,
+        }];
         let profile = self.profile(creator)?;
         let mut member = json!({"membership": "join"});
         if let Some(d) = &profile.displayname {

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::{pdu::Pdu, to_json, Core, Error, Result};
 use crate::store::{Batch, Tree};
 
+/// Looks up an event by id (the store, possibly overlaid with events not stored yet).
+pub type Fetch<'a> = &'a dyn Fn(&EventId) -> Result<Option<Pdu>>;
+
 /// `(event type, state key) → event id`, in a deterministic order.
 pub type StateMap = BTreeMap<(String, String), OwnedEventId>;
 
@@ -113,10 +116,15 @@ impl Core {
     /// Every event reachable from `ids` through `auth_events` (excluding `ids` themselves
     /// unless reachable).
     pub fn auth_chain(&self, ids: impl IntoIterator<Item = OwnedEventId>) -> Result<BTreeSet<OwnedEventId>> {
+        self.auth_chain_with(ids, &|id| self.pdu(id))
+    }
+
+    /// [`Core::auth_chain`] with a custom event lookup (for events not stored yet).
+    pub fn auth_chain_with(&self, ids: impl IntoIterator<Item = OwnedEventId>, fetch: Fetch<'_>) -> Result<BTreeSet<OwnedEventId>> {
         let mut seen = BTreeSet::new();
         let mut todo: Vec<OwnedEventId> = Vec::new();
         for id in ids {
-            if let Some(p) = self.pdu(&id)? {
+            if let Some(p) = fetch(&id)? {
                 todo.extend(p.auth_events.iter().cloned());
             }
         }
@@ -124,7 +132,7 @@ impl Core {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            if let Some(p) = self.pdu(&id)? {
+            if let Some(p) = fetch(&id)? {
                 todo.extend(p.auth_events.iter().filter(|a| !seen.contains(*a)).cloned());
             }
         }
@@ -134,6 +142,11 @@ impl Core {
     /// Resolve `forks` (state maps of the prev events) with the room version's algorithm
     /// (v2, or v2.1 for room v12).
     pub fn resolve_state(&self, rules: &RoomVersionRules, forks: &[Arc<StateMap>]) -> Result<StateMap> {
+        self.resolve_state_with(rules, forks, &|id| self.pdu(id))
+    }
+
+    /// [`Core::resolve_state`] with a custom event lookup (for events not stored yet).
+    pub fn resolve_state_with(&self, rules: &RoomVersionRules, forks: &[Arc<StateMap>], fetch: Fetch<'_>) -> Result<StateMap> {
         match forks {
             [] => return Ok(StateMap::new()),
             [one] => return Ok((**one).clone()),
@@ -150,21 +163,21 @@ impl Core {
             .collect();
         let mut auth_chains = Vec::with_capacity(forks.len());
         for f in forks {
-            let chain = self.auth_chain(f.values().cloned())?;
+            let chain = self.auth_chain_with(f.values().cloned(), fetch)?;
             auth_chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
         }
-        let fetch = |id: &EventId| self.pdu(id).ok().flatten();
+        let fetch_event = |id: &EventId| fetch(id).ok().flatten();
         let subgraph = |conflicted: &state_res::StateMap<Vec<OwnedEventId>>| {
-            self.conflicted_subgraph(conflicted.values().flatten().cloned().collect()).ok()
+            self.conflicted_subgraph(conflicted.values().flatten().cloned().collect(), fetch).ok()
         };
-        let resolved = state_res::resolve(&rules.authorization, v2, maps.iter(), auth_chains, fetch, subgraph)
+        let resolved = state_res::resolve(&rules.authorization, v2, maps.iter(), auth_chains, fetch_event, subgraph)
             .map_err(|e| Error::Internal(format!("state resolution failed: {e}")))?;
         Ok(resolved.into_iter().map(|((t, k), e)| ((t.to_string(), k), e)).collect())
     }
 
     /// The conflicted state subgraph of state resolution v2.1: events on an `auth_events`
     /// path from one conflicted event to another (the conflicted events included).
-    fn conflicted_subgraph(&self, conflicted: BTreeSet<OwnedEventId>) -> Result<EventIdSet<OwnedEventId>> {
+    fn conflicted_subgraph(&self, conflicted: BTreeSet<OwnedEventId>, fetch: Fetch<'_>) -> Result<EventIdSet<OwnedEventId>> {
         // Collect the auth DAG below the conflicted set.
         let mut parents: BTreeMap<OwnedEventId, Vec<OwnedEventId>> = BTreeMap::new();
         let mut todo: Vec<OwnedEventId> = conflicted.iter().cloned().collect();
@@ -172,7 +185,7 @@ impl Core {
             if parents.contains_key(&id) {
                 continue;
             }
-            let ps = self.pdu(&id)?.map(|p| p.auth_events).unwrap_or_default();
+            let ps = fetch(&id)?.map(|p| p.auth_events).unwrap_or_default();
             todo.extend(ps.iter().cloned());
             parents.insert(id, ps);
         }
