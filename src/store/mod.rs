@@ -35,6 +35,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The named trees the node uses. A fixed list, so a typo is a compile error and the key layout
 /// is documented in one place (see `docs/storage.md`).
+///
+/// Prefix ranges by feature area: 1–19 core rooms/users; 20–39 end-to-end encryption and
+/// devices; 40–59 receipts, push rules, relations, search and other per-user data; 60–79 media;
+/// 80–99 federation and the mesh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Tree {
     /// `key → value` node-wide metadata: schema version, counters.
