@@ -50,6 +50,7 @@ impl From<Error> for ApiError {
             Error::UserInUse => (S::BAD_REQUEST, "M_USER_IN_USE"),
             Error::InvalidUsername(_) => (S::BAD_REQUEST, "M_INVALID_USERNAME"),
             Error::RoomInUse(_) => (S::BAD_REQUEST, "M_ROOM_IN_USE"),
+            Error::Conflict(_) => (S::CONFLICT, "M_UNKNOWN"),
             Error::UnsupportedRoomVersion(_) => (S::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::Unrecognized(_) => (S::NOT_FOUND, "M_UNRECOGNIZED"),
             Error::Unknown(_) => (S::BAD_REQUEST, "M_UNKNOWN"),

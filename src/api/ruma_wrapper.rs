@@ -157,10 +157,21 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
 }
 
 /// `Metadata` paths of `T` (all versions, `r0` included), for the router.
-pub fn paths<T: Metadata>() -> Vec<&'static str>
+pub fn paths<T: Metadata>() -> Vec<String>
 where
     T::PathBuilder: ruma::api::path_builder::PathBuilder,
 {
     use ruma::api::path_builder::PathBuilder;
-    T::PATH_BUILDER.all_paths().collect()
+    let mut out = Vec::new();
+    for p in T::PATH_BUILDER.all_paths() {
+        out.push(p.to_owned());
+        // An empty state key leaves the last segment empty, which a `{state_key}` capture never
+        // matches: route `.../state/{event_type}` and `.../state/{event_type}/` too (ruma reads
+        // the missing argument as the empty string).
+        if let Some(base) = p.strip_suffix("/{state_key}") {
+            out.push(base.to_owned());
+            out.push(format!("{base}/"));
+        }
+    }
+    out
 }

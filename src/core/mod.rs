@@ -73,6 +73,9 @@ pub enum Error {
     /// `M_ROOM_IN_USE` (400).
     #[error("{0}")]
     RoomInUse(String),
+    /// 409 Conflict (`M_UNKNOWN`), e.g. a room alias that already exists.
+    #[error("{0}")]
+    Conflict(String),
     /// `M_UNSUPPORTED_ROOM_VERSION` (400).
     #[error("unsupported room version {0}")]
     UnsupportedRoomVersion(String),

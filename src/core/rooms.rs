@@ -424,7 +424,8 @@ impl Core {
                     (sg, rs.clone())
                 }
             };
-            let in_batch = |id: &EventId| events.iter().find(|e| e.signed.event_id == *id).map(|e| e.signed.pdu.clone());
+            let in_batch =
+                |id: &EventId| events.iter().find(|e| e.signed.event_id == *id).map(|e| e.signed.pdu.clone());
             self.stage_membership_changes(batch, room_id, &room_map, &new_room_map, pos, &in_batch)?;
             record.state_group = new_room_sg;
             room_map = new_room_map;
@@ -888,7 +889,7 @@ impl Core {
             return Err(Error::InvalidParam("alias must be on this server".into()));
         }
         if self.store.get(Tree::Aliases, alias.as_bytes())?.is_some() {
-            return Err(Error::RoomInUse("room alias already exists".into()));
+            return Err(Error::Conflict(format!("room alias {alias} already exists")));
         }
         let mut b = Batch::new();
         b.put(Tree::Aliases, alias.as_bytes().to_vec(), room_id.as_bytes().to_vec());
