@@ -185,8 +185,9 @@ mod tests {
 
     fn core() -> (Arc<Core>, Arc<FixedClock>) {
         let clock = Arc::new(FixedClock(1_000.into()));
-        let core = Core::open(Arc::new(MemoryStore::default()), Identity::generate(), clock.clone(), Default::default())
-            .expect("open");
+        let core =
+            Core::open(Arc::new(MemoryStore::default()), Identity::generate(), clock.clone(), Default::default())
+                .expect("open");
         (core, clock)
     }
 

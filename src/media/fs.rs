@@ -70,9 +70,7 @@ impl FsMediaStore {
 /// fsync a directory, so a rename or create inside it is durable.
 async fn sync_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-        .await
-        .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all()).await.map_err(io::Error::other)?
 }
 
 /// Creates `dir` and makes its entry durable in its parent(s) up to `root`.

@@ -315,7 +315,10 @@ mod tests {
         // Same content again: same name, still readable.
         let again = media.ingest(chunks(&[b"hello you"]), None, None).await.expect("ingest again");
         assert_eq!(again.sha256, c.sha256);
-        assert!(matches!(media.ingest(chunks(&[b"0123456789", b"x"]), None, None).await, Err(IngestError::TooLarge(10))));
+        assert!(matches!(
+            media.ingest(chunks(&[b"0123456789", b"x"]), None, None).await,
+            Err(IngestError::TooLarge(10))
+        ));
         assert!(store.open("0000").await.expect("open").is_none());
 
         store.put_derived(&c.sha256, &format!("{}.t1", c.sha256), Bytes::from_static(b"t")).await.expect("derived");

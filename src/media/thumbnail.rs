@@ -110,8 +110,7 @@ impl Request {
         let (w, h) = (self.width.max(1), self.height.max(1));
         match self.method {
             Method::Scale => {
-                let (bw, bh) =
-                    SCALE_BOXES.into_iter().find(|&(bw, bh)| bw >= w && bh >= h).unwrap_or(SCALE_BOXES[4]);
+                let (bw, bh) = SCALE_BOXES.into_iter().find(|&(bw, bh)| bw >= w && bh >= h).unwrap_or(SCALE_BOXES[4]);
                 Target { width: bw, height: bh, method: Method::Scale }
             }
             Method::Crop => {
@@ -142,14 +141,21 @@ pub fn declared_type_is_thumbnailable(content_type: Option<&str>) -> bool {
     let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     matches!(
         essence.as_str(),
-        "image/png" | "image/jpeg" | "image/jpg" | "image/pjpeg" | "image/gif" | "image/webp" | "application/octet-stream"
+        "image/png"
+            | "image/jpeg"
+            | "image/jpg"
+            | "image/pjpeg"
+            | "image/gif"
+            | "image/webp"
+            | "application/octet-stream"
     )
 }
 
 /// Makes the thumbnail `target` of image `source`, decoding at most `max_pixels` pixels.
 /// CPU-heavy: run it on a blocking thread.
 pub fn generate(source: &[u8], target: Target, max_pixels: u64) -> Result<(Vec<u8>, Output), Error> {
-    let reader = ImageReader::new(Cursor::new(source)).with_guessed_format().map_err(|e| Error::Failed(e.to_string()))?;
+    let reader =
+        ImageReader::new(Cursor::new(source)).with_guessed_format().map_err(|e| Error::Failed(e.to_string()))?;
     let format = reader.format().ok_or(Error::NotAnImage)?;
     let output = match format {
         ImageFormat::Jpeg => Output::Jpeg,

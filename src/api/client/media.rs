@@ -252,7 +252,8 @@ async fn download(
     authenticated: bool,
 ) -> ApiResult<Response> {
     let (_, content) = uploaded_media(s, server_name, media_id, query.timeout_ms).await?;
-    let Some((len, stream)) = s.media.store().open(&content.sha256).await.map_err(|e| Error::Internal(e.to_string()))?
+    let Some((len, stream)) =
+        s.media.store().open(&content.sha256).await.map_err(|e| Error::Internal(e.to_string()))?
     else {
         tracing::warn!(media_id, sha256 = %content.sha256, "media content missing from the media store");
         return Err(Error::NotFound("media content is missing".into()).into());
