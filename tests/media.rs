@@ -554,6 +554,9 @@ async fn client_startup_endpoints_answer() {
     let api = Api::as_client(&node, &alice);
     assert_eq!(api.get("/_matrix/client/v3/thirdparty/protocols").await.ok(), serde_json::json!({}));
     assert_eq!(api.get("/_matrix/client/v3/voip/turnServer").await.ok(), serde_json::json!({}));
+    let rtc = api.get("/_matrix/client/unstable/org.matrix.msc4143/rtc/transports").await.ok();
+    assert_eq!(rtc, serde_json::json!({"rtc_transports": []}));
+    Api::new(&node).get("/_matrix/client/v1/rtc/transports").await.expect_err(401, "M_MISSING_TOKEN");
     let wk = Api::new(&node).get("/.well-known/matrix/client").await.ok();
     assert_eq!(wk["m.homeserver"]["base_url"], node.base_url);
     Api::new(&node).get("/_matrix/client/v3/voip/turnServer").await.expect_err(401, "M_MISSING_TOKEN");

@@ -29,7 +29,7 @@ pub fn routes(r: Router<AppState>) -> Router<AppState> {
     let r = media::routes(r);
     let r = ruma_route!(r, c::discovery::discover_homeserver::Request, discovery::discover_homeserver_route);
     let r = ruma_route!(r, c::thirdparty::get_protocols::v3::Request, thirdparty::get_protocols_route);
-    let r = ruma_route!(r, c::voip::get_turn_server_info::v3::Request, voip::get_turn_server_info_route);
+    let r = voip::routes(r);
     let r = ruma_route!(r, c::discovery::get_supported_versions::Request, discovery::get_supported_versions_route);
     let r = ruma_route!(r, c::discovery::get_capabilities::v3::Request, discovery::get_capabilities_route);
     let r = ruma_route!(r, c::account::register::v3::Request, session::register_route);
