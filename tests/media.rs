@@ -341,18 +341,34 @@ async fn v1_media_requires_auth_and_unknown_media_is_404() {
     assert_eq!(res.ok(), serde_json::json!({}));
 }
 
-/// Sends `POST /_matrix/media/v3/upload` with a chunked body of `total` bytes (no
-/// Content-Length, so the server must count as it streams) over a raw socket; returns the
-/// response's status and body.
-async fn chunked_upload(node: &Node, token: &str, total: usize) -> (u16, Value) {
+/// How [`socket_upload`] sends its body.
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    /// `Transfer-Encoding: chunked`: no length up front, the server must count as it streams.
+    Chunked,
+    /// Only the headers, with `Content-Length: total`; the body is never sent.
+    LengthOnly,
+}
+
+/// Sends `POST /_matrix/media/v3/upload` of `total` bytes over a raw socket (so the test sees
+/// the answer even when the server refuses before reading the body); returns the response's
+/// status and body.
+async fn socket_upload(node: &Node, token: &str, total: usize, framing: Framing) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
+    let framing_header = match framing {
+        Framing::Chunked => "Transfer-Encoding: chunked".to_owned(),
+        Framing::LengthOnly => format!("Content-Length: {total}"),
+    };
     let head = format!(
         "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+         Content-Type: application/octet-stream\r\n{framing_header}\r\n\r\n"
     );
     let (mut rd, mut wr) = stream.split();
     let write = async {
         wr.write_all(head.as_bytes()).await?;
+        if framing == Framing::LengthOnly {
+            return Ok(());
+        }
         let chunk = vec![7u8; 1 << 20];
         let mut sent = 0;
         while sent < total {
@@ -406,15 +422,23 @@ async fn uploads_over_the_limit_are_413_too_large() {
     let api = Api::new(&node);
     let token = common::token(&alice);
 
-    // Declared too large (Content-Length): refused before reading.
-    let (status, res) = raw_upload(&api, &token, "application/octet-stream", None, vec![0u8; MAX_UPLOAD + 1]).await;
+    // Declared too large (Content-Length): refused without waiting for the body.
+    let (status, res) = socket_upload(&node, &token, MAX_UPLOAD + 1, Framing::LengthOnly).await;
     assert_eq!((status, res["errcode"].as_str()), (413, Some("M_TOO_LARGE")), "{res}");
     // Streamed without a length: refused once the count passes the limit.
-    let (status, res) = chunked_upload(&node, &token, MAX_UPLOAD + 1).await;
+    let (status, res) = socket_upload(&node, &token, MAX_UPLOAD + 1, Framing::Chunked).await;
     assert_eq!((status, res["errcode"].as_str()), (413, Some("M_TOO_LARGE")), "{res}");
     // Exactly the limit is fine, streamed too.
-    let (status, res) = chunked_upload(&node, &token, MAX_UPLOAD).await;
+    let (status, res) = socket_upload(&node, &token, MAX_UPLOAD, Framing::Chunked).await;
     assert_eq!(status, 200, "{res}");
+    // And with a Content-Length (reqwest), byte-exact.
+    let data = noise(MAX_UPLOAD, 3);
+    let (status, res) = raw_upload(&api, &token, "application/octet-stream", None, data.clone()).await;
+    assert_eq!(status, 200, "{res}");
+    let (server, id) = parts(&res["content_uri"].as_str().expect("content_uri").into());
+    let (status, _, body) =
+        raw_get(&api, &format!("/_matrix/client/v1/media/download/{server}/{id}"), Some(&token)).await;
+    assert!(status == 200 && body == data, "status {status}");
     // No partial uploads are left behind.
     let tmp = std::fs::read_dir(node.data_dir.join("media").join("tmp")).expect("media tmp dir");
     assert_eq!(tmp.count(), 0);
