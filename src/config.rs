@@ -217,6 +217,7 @@ mod tests {
         assert_eq!((c.log.as_str(), c.registration_enabled), ("info", true));
         assert_eq!(c.limits.max_request_bytes, 1_048_576);
         assert_eq!(c.limits.sled_cache_bytes, 8_388_608);
+        assert_eq!(c.limits.max_upload_bytes, 52_428_800);
         assert_eq!(toml::from_str::<Config>("").expect("empty file"), c);
     }
 

@@ -32,7 +32,14 @@ impl FsMediaStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         let tmp = root.join("tmp");
-        std::fs::create_dir_all(&tmp)?;
+        if !tmp.exists() {
+            std::fs::create_dir_all(&tmp)?;
+            // Make the new directories durable, so content renamed into them later is too.
+            std::fs::File::open(&root)?.sync_all()?;
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
             if let Err(e) = std::fs::remove_file(entry.path()) {
