@@ -48,6 +48,15 @@ pub struct Limits {
     /// Transaction ids remembered per device for idempotent `/send`; the oldest are forgotten.
     /// Default 1000.
     pub txn_ids_per_device_max: usize,
+    /// Largest media upload (`m.upload.size`); larger ones get 413 `M_TOO_LARGE`. Separate from
+    /// `max_request_bytes`: media bodies are streamed to disk. Default 50 MiB (52_428_800).
+    pub max_upload_bytes: u64,
+    /// Largest image (width × height) that is decoded to make a thumbnail; larger ones get
+    /// 413 `M_TOO_LARGE` from the thumbnail endpoints. Default 25_000_000.
+    pub thumbnail_source_pixels_max: u64,
+    /// `mxc://` URIs a user may hold reserved (`/media/v1/create`) but not yet uploaded; more
+    /// get 429 `M_LIMIT_EXCEEDED`. Default 10.
+    pub pending_uploads_per_user_max: usize,
 }
 
 impl Default for Config {
@@ -73,6 +82,9 @@ impl Default for Limits {
             sled_cache_bytes: 8 * 1024 * 1024,
             max_concurrent_requests: 256,
             txn_ids_per_device_max: 1000,
+            max_upload_bytes: 50 * 1024 * 1024,
+            thumbnail_source_pixels_max: 25_000_000,
+            pending_uploads_per_user_max: 10,
         }
     }
 }
@@ -205,6 +217,7 @@ mod tests {
         assert_eq!((c.log.as_str(), c.registration_enabled), ("info", true));
         assert_eq!(c.limits.max_request_bytes, 1_048_576);
         assert_eq!(c.limits.sled_cache_bytes, 8_388_608);
+        assert_eq!(c.limits.max_upload_bytes, 52_428_800);
         assert_eq!(toml::from_str::<Config>("").expect("empty file"), c);
     }
 

@@ -11,10 +11,13 @@
 //!   `pdu.rs` (build/hash/sign/redact PDUs via ruma), `rooms.rs` (create, append with auth
 //!   checks, membership), `state.rs` (state groups, auth chains, state resolution),
 //!   `sync.rs` (sync, messages, context), `users.rs` (accounts, devices, profiles, account
-//!   data, filters), `filter.rs`, `status.rs`.
+//!   data, filters), `filter.rs`, `status.rs`, `media.rs` (media metadata, reservations).
+//! - `media/` — media bytes behind the `MediaStore` trait (files under `<data-dir>/media`, or
+//!   memory), upload streaming, thumbnails (`thumbnail.rs`, with the `image` crate).
 //! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
 //!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`), `server.rs`
-//!   (server keys), `outpost.rs` (`/_outpost/v1` status and PDU inspection).
+//!   (server keys), `outpost.rs` (`/_outpost/v1` status and PDU inspection), `middleware.rs`
+//!   (CORS on every response, the request log).
 
 #![warn(missing_docs)]
 
@@ -23,5 +26,6 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod identity;
+pub mod media;
 pub mod server;
 pub mod store;

@@ -13,6 +13,7 @@ use crate::{
     config::Config,
     core::{self, Core},
     identity::{Identity, IdentityError},
+    media::{FsMediaStore, Media, MediaLimits},
     store::{KvStore, SledStore, StoreError},
 };
 
@@ -101,7 +102,17 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         .map_err(|source| StartError::Bind { addr: config.client_addr, source })?;
     let client_addr = listener.local_addr().map_err(StartError::Serve)?;
     let max_concurrent = config.limits.max_concurrent_requests;
-    let state = AppState { core: core.clone(), config: Arc::new(config) };
+    let media_store = FsMediaStore::open(dir.join("media"))
+        .map_err(|source| StartError::DataDir { path: dir.join("media").display().to_string(), source })?;
+    let media = Media::new(
+        Arc::new(media_store),
+        MediaLimits {
+            max_upload_bytes: config.limits.max_upload_bytes,
+            thumbnail_source_pixels_max: config.limits.thumbnail_source_pixels_max,
+            pending_uploads_per_user_max: config.limits.pending_uploads_per_user_max,
+        },
+    );
+    let state = AppState { core: core.clone(), config: Arc::new(config), media: Arc::new(media) };
     let app = api::router(state).layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrent));
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

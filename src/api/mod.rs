@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod error;
+pub mod middleware;
 pub mod outpost;
 pub mod ruma_wrapper;
 pub mod server;
@@ -11,13 +12,12 @@ pub mod server;
 use std::sync::Arc;
 
 use axum::{
-    http::{header, HeaderValue, Method, StatusCode},
+    http::{header, HeaderValue, StatusCode},
     response::IntoResponse,
     Router,
 };
-use tower_http::cors::{Any, CorsLayer};
 
-use crate::{config::Config, core::Core};
+use crate::{config::Config, core::Core, media::Media};
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
@@ -26,6 +26,8 @@ pub struct AppState {
     pub core: Arc<Core>,
     /// The node configuration.
     pub config: Arc<Config>,
+    /// Media content and thumbnails.
+    pub media: Arc<Media>,
 }
 
 /// Register `$handler` for every path (r0, v3, unstable) and the method of ruma endpoint `$req`.
@@ -48,20 +50,12 @@ pub fn router(state: AppState) -> Router {
     let r = client::routes(r);
     let r = server::routes(r);
     let r = outpost::routes(r);
-    // CORS as the client-server spec requires, so browser clients work.
-    let cors = CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::ACCEPT,
-            header::HeaderName::from_static("x-requested-with"),
-        ]);
     r.fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(cors)
+        // CORS as the client-server spec requires, so browser clients work.
+        .layer(axum::middleware::from_fn(middleware::cors))
         .layer(axum::middleware::map_response(server_header))
+        .layer(axum::middleware::from_fn(middleware::request_log))
         .with_state(state)
 }
 

@@ -9,6 +9,7 @@
 //! stream position, which wakes long-polling syncs. Read paths never block on writers.
 
 pub mod filter;
+pub mod media;
 pub mod pdu;
 pub mod rooms;
 pub mod state;
@@ -88,6 +89,12 @@ pub enum Error {
     /// `M_LIMIT_EXCEEDED` (429).
     #[error("{0}")]
     LimitExceeded(String),
+    /// `M_NOT_YET_UPLOADED` (504): reserved media whose content has not arrived in time.
+    #[error("{0}")]
+    NotYetUploaded(String),
+    /// `M_CANNOT_OVERWRITE_MEDIA` (409): content was already uploaded to this media id.
+    #[error("{0}")]
+    CannotOverwriteMedia(String),
     /// Storage failure (500).
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -75,6 +75,11 @@ pub enum Tree {
     Directory,
     /// `room_id 0xff target_event_id 0xff relation_event_pos(be u64) → relation event id`.
     Relations,
+    /// `media_id → MediaRecord` (local media: type, name, size, content hash, uploader).
+    Media,
+    /// `user_id 0xff media_id → expires_ms(be u64)`: `mxc://` URIs reserved with
+    /// `/media/v1/create` and not yet uploaded.
+    MediaPending,
 }
 
 impl Tree {
@@ -98,6 +103,8 @@ impl Tree {
             Tree::Aliases => 15,
             Tree::Directory => 16,
             Tree::Relations => 17,
+            Tree::Media => 60,
+            Tree::MediaPending => 61,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod alias;
 pub mod directory;
 pub mod discovery;
 pub mod filter;
+pub mod media;
 pub mod membership;
 pub mod message;
 pub mod profile;
@@ -14,6 +15,8 @@ pub mod room;
 pub mod session;
 pub mod state;
 pub mod sync;
+pub mod thirdparty;
+pub mod voip;
 
 use axum::Router;
 
@@ -23,6 +26,10 @@ use crate::ruma_route;
 /// Add every client-server route to `r`.
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
     use ruma::api::client as c;
+    let r = media::routes(r);
+    let r = ruma_route!(r, c::discovery::discover_homeserver::Request, discovery::discover_homeserver_route);
+    let r = ruma_route!(r, c::thirdparty::get_protocols::v3::Request, thirdparty::get_protocols_route);
+    let r = voip::routes(r);
     let r = ruma_route!(r, c::discovery::get_supported_versions::Request, discovery::get_supported_versions_route);
     let r = ruma_route!(r, c::discovery::get_capabilities::v3::Request, discovery::get_capabilities_route);
     let r = ruma_route!(r, c::account::register::v3::Request, session::register_route);
