@@ -36,7 +36,7 @@ macro_rules! ruma_route {
         let method = <$req as ruma::api::Metadata>::METHOD;
         let filter = axum::routing::MethodFilter::try_from(method).expect("standard HTTP method");
         for path in $crate::api::ruma_wrapper::paths::<$req>() {
-            r = r.route(path, axum::routing::on(filter, $handler));
+            r = r.route(&path, axum::routing::on(filter, $handler));
         }
         r
     }};

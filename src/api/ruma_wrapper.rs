@@ -100,10 +100,14 @@ where
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
+        let mut path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
             Ok(p) => p.iter().map(|(_, v)| v.to_owned()).collect(),
             Err(_) => Vec::new(),
         };
+        // `.../state/{type}/` (see `paths`): the empty state key is the last path argument.
+        if parts.uri.path().ends_with('/') && path_args.len() >= 2 {
+            path_args.push(String::new());
+        }
         let limit = state.config.limits.max_request_bytes;
         let bytes = axum::body::to_bytes(body, limit)
             .await
@@ -156,11 +160,20 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
     }
 }
 
-/// `Metadata` paths of `T` (all versions, `r0` included), for the router.
-pub fn paths<T: Metadata>() -> Vec<&'static str>
+/// `Metadata` paths of `T` (all versions, `r0` included), for the router. A path ending in
+/// `/{state_key}` is also served with the empty state key, i.e. ending in `/` (clients such as
+/// matrix-sdk ask for `GET .../state/m.room.encryption/`).
+pub fn paths<T: Metadata>() -> Vec<String>
 where
     T::PathBuilder: ruma::api::path_builder::PathBuilder,
 {
     use ruma::api::path_builder::PathBuilder;
-    T::PATH_BUILDER.all_paths().collect()
+    let mut out = Vec::new();
+    for p in T::PATH_BUILDER.all_paths() {
+        out.push(p.to_owned());
+        if let Some(prefix) = p.strip_suffix("{state_key}") {
+            out.push(prefix.to_owned());
+        }
+    }
+    out
 }

@@ -75,6 +75,20 @@ pub enum Tree {
     Directory,
     /// `room_id 0xff target_event_id 0xff relation_event_pos(be u64) → relation event id`.
     Relations,
+    /// `room_id 0xff user_id 0xff receipt_type 0xff thread_id-or-empty → ReceiptRecord`: each
+    /// user's latest receipt per type and thread.
+    Receipts,
+    /// `room_id 0xff stream_pos(be u64) → Receipts key`: receipts in the order they changed.
+    ReceiptsByPos,
+    /// `user_id → PresenceRecord`.
+    Presence,
+    /// `user_id 0xff app_id 0xff pushkey → pusher JSON`.
+    Pushers,
+    /// `room_id 0xff target_event_id 0xff rel_type 0xff pos(be u64) → RelationEntry`: live
+    /// (unredacted) relations by type, for bundled aggregations and `/relations`.
+    RelationsByType,
+    /// `room_id 0xff thread_root_id → pos(be u64)` of the latest reply when it was written.
+    ThreadRoots,
 }
 
 impl Tree {
@@ -98,6 +112,12 @@ impl Tree {
             Tree::Aliases => 15,
             Tree::Directory => 16,
             Tree::Relations => 17,
+            Tree::Receipts => 40,
+            Tree::ReceiptsByPos => 41,
+            Tree::Presence => 42,
+            Tree::Pushers => 43,
+            Tree::RelationsByType => 44,
+            Tree::ThreadRoots => 45,
         }
     }
 }
