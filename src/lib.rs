@@ -11,7 +11,10 @@
 //!   `pdu.rs` (build/hash/sign/redact PDUs via ruma), `rooms.rs` (create, append with auth
 //!   checks, membership), `state.rs` (state groups, auth chains, state resolution),
 //!   `sync.rs` (sync, messages, context), `users.rs` (accounts, devices, profiles, account
-//!   data, filters), `filter.rs`, `status.rs`.
+//!   data, filters), `filter.rs`, `status.rs`; per-user and ephemeral data: `typing.rs`,
+//!   `receipts.rs` (receipts, read markers, the ephemeral block of sync), `push.rs` (push
+//!   rules, pushers, unread counts), `relations.rs` (relation index, bundled aggregations,
+//!   `/relations`, `/threads`), `search.rs`, `tags.rs`, `presence.rs`, `user_directory.rs`.
 //! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
 //!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`), `server.rs`
 //!   (server keys), `outpost.rs` (`/_outpost/v1` status and PDU inspection).

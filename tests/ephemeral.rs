@@ -523,3 +523,117 @@ async fn pushers_are_stored_listed_and_removed() {
     me.post("/_matrix/client/v3/pushers/set", &del).await.ok();
     assert_eq!(me.get("/_matrix/client/v3/pushers").await.ok()["pushers"], json!([]));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Search (matrix-sdk has no search API: raw HTTP)
+// ---------------------------------------------------------------------------------------------
+
+async fn search(api: &Api, criteria: Value, next_batch: Option<&str>) -> Value {
+    let mut path = "/_matrix/client/v3/search".to_owned();
+    if let Some(n) = next_batch {
+        path.push_str(&format!("?next_batch={}", enc(n)));
+    }
+    let res = api.post(&path, &json!({"search_categories": {"room_events": criteria}})).await.ok();
+    res["search_categories"]["room_events"].clone()
+}
+
+fn result_ids(r: &Value) -> Vec<String> {
+    r["results"].as_array().unwrap().iter().map(|x| x["result"]["event_id"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn search_ranks_paginates_and_gives_context() {
+    let node = Node::start().await;
+    let (alice, bob, room_id) = two_users(&node).await;
+    let e1 = send_text(&alice, &room_id, "Hello world").await;
+    let e2 = send_text(&alice, &room_id, "unrelated chatter").await;
+    let e3 = send_text(&alice, &room_id, "hello again, HELLO!").await;
+    let e4 = send_text(&alice, &room_id, "helloooo there").await;
+    let bob_api = Api::as_client(&node, &bob);
+
+    // Rank: most matching words first (prefix, case-insensitive); ties by recency.
+    let r = search(&bob_api, json!({"search_term": "HELLO"}), None).await;
+    assert_eq!(result_ids(&r), vec![e3.to_string(), e4.to_string(), e1.to_string()]);
+    assert_eq!(r["count"], 3);
+    assert!(r["highlights"].as_array().unwrap().contains(&json!("hello")));
+    // Every word must match.
+    let r = search(&bob_api, json!({"search_term": "hello world"}), None).await;
+    assert_eq!(result_ids(&r), vec![e1.to_string()]);
+    // Recent order, and pagination in both orders without repeats.
+    for (order, expect) in [("recent", vec![&e4, &e3, &e1]), ("rank", vec![&e3, &e4, &e1])] {
+        let mut seen = Vec::new();
+        let mut next: Option<String> = None;
+        for _ in 0..10 {
+            let crit = json!({"search_term": "hello", "order_by": order, "filter": {"limit": 1}});
+            let r = search(&bob_api, crit, next.as_deref()).await;
+            seen.extend(result_ids(&r));
+            match r["next_batch"].as_str() {
+                Some(n) => next = Some(n.to_owned()),
+                None => break,
+            }
+        }
+        let expect: Vec<String> = expect.iter().map(|e| e.to_string()).collect();
+        assert_eq!(seen, expect, "order_by={order}");
+    }
+    // Context and profiles, groups.
+    let crit = json!({
+        "search_term": "world",
+        "event_context": {"before_limit": 1, "after_limit": 1, "include_profile": true},
+        "groupings": {"group_by": [{"key": "room_id"}]},
+    });
+    let r = search(&bob_api, crit, None).await;
+    let ctx = &r["results"][0]["context"];
+    assert_eq!(ctx["events_after"][0]["event_id"], e2.as_str(), "{ctx}");
+    assert_eq!(ctx["events_before"].as_array().map(Vec::len), Some(1), "{ctx}");
+    assert!(ctx["profile_info"].get(alice.user_id().unwrap().as_str()).is_some(), "{ctx}");
+    assert_eq!(r["groups"]["room_id"][room_id.as_str()]["results"], json!([e1]));
+    // Other keys: the room name.
+    let r = search(&bob_api, json!({"search_term": "ephemeral", "keys": ["content.name"]}), None).await;
+    assert_eq!(r["count"], 1);
+    assert_eq!(r["results"][0]["result"]["type"], "m.room.name");
+}
+
+#[tokio::test]
+async fn search_respects_membership_and_history_visibility() {
+    let node = Node::start().await;
+    let alice_api = Api::new(&node);
+    let (_, at) = alice_api.register("alice", "pw").await;
+    let alice = Api::with_token(&node, at);
+    let (_, bt) = alice_api.register("bob", "pw").await;
+    let bob = Api::with_token(&node, bt);
+    let room = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            &json!({"preset": "public_chat", "initial_state": [
+                {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}
+            ]}),
+        )
+        .await
+        .ok()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let say = |txn: &'static str, body: &'static str| {
+        let alice = alice.clone();
+        let room = room.clone();
+        async move {
+            let p = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+            alice.put(&p, &json!({"msgtype": "m.text", "body": body})).await.ok()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    say("1", "secret plan").await;
+    // Not a member: nothing.
+    assert_eq!(search(&bob, json!({"search_term": "plan"}), None).await["count"], 0);
+    bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), &json!({})).await.ok();
+    let public = say("2", "public plan").await;
+    let r = search(&bob, json!({"search_term": "plan", "filter": {"rooms": [room]}}), None).await;
+    assert_eq!(result_ids(&r), vec![public.clone()], "history from before bob joined must stay hidden");
+    // alice sees both.
+    assert_eq!(search(&alice, json!({"search_term": "plan"}), None).await["count"], 2);
+    // A filter on another room excludes this one.
+    let r = search(&bob, json!({"search_term": "plan", "filter": {"not_rooms": [room]}}), None).await;
+    assert_eq!(r["count"], 0);
+}

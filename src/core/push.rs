@@ -418,3 +418,36 @@ impl Core {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ruma::{
+        push::{NewPushRule, NewSimplePushRule, RuleKind, Ruleset},
+        user_id,
+    };
+
+    use super::merge_defaults;
+
+    #[test]
+    fn stored_rules_keep_user_changes_and_gain_new_defaults() {
+        let me = user_id!("@me:example.org");
+        let mut stored = Ruleset::server_default(me);
+        stored.set_enabled(RuleKind::Underride, ".m.rule.message", false).unwrap();
+        stored
+            .insert(
+                NewPushRule::Sender(NewSimplePushRule::new(user_id!("@loud:example.org").to_owned(), vec![])),
+                None,
+                None,
+            )
+            .unwrap();
+        // A rule this build no longer knows, and a default the stored set lacks.
+        let mut old = stored.clone();
+        old.override_.shift_remove(".m.rule.tombstone");
+        let merged = merge_defaults(old, Ruleset::server_default(me));
+        assert!(!merged.get(RuleKind::Underride, ".m.rule.message").unwrap().enabled());
+        assert!(merged.get(RuleKind::Sender, "@loud:example.org").is_some());
+        assert!(merged.get(RuleKind::Override, ".m.rule.tombstone").is_some());
+        assert_eq!(merged.override_.first().map(|r| r.rule_id.as_str()), Some(".m.rule.master"));
+        assert_eq!(merged.iter().count(), stored.iter().count());
+    }
+}

@@ -310,3 +310,18 @@ impl Core {
         Ok(JsonValue::Object(ctx))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{score, words};
+
+    #[test]
+    fn words_match_case_insensitively_by_prefix_and_all_must_match() {
+        assert_eq!(words("Hello, WORLD! it's 9am"), ["hello", "world", "it", "s", "9am"]);
+        let text = words("Helloooo there, hello!");
+        assert_eq!(score(&words("HELLO"), &text).map(|s| s.0), Some(2));
+        assert_eq!(score(&words("hello there"), &text).map(|s| s.0), Some(3));
+        assert!(score(&words("hello world"), &text).is_none());
+        assert!(score(&words("ello"), &text).is_none());
+    }
+}

@@ -109,7 +109,7 @@ impl Core {
                 let before = r.users.len();
                 r.users.retain(|_, &mut e| e > now);
                 if r.users.len() != before {
-                    r.pos = *p.get_or_insert_with(|| pos());
+                    r.pos = *p.get_or_insert_with(&mut *pos);
                 }
             }
             Ok(())
