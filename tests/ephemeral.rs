@@ -269,14 +269,31 @@ async fn unread_counts_follow_push_rules_and_receipts() {
     assert_eq!((c.notification_count, c.highlight_count), (3, 1), "bob's counts");
     assert_eq!(alice.get_room(&room_id).unwrap().unread_notification_counts().notification_count, 0);
 
+    // /notifications lists the same events, newest first, paginated; `only=highlight`.
+    let bob_api = Api::as_client(&node, &bob);
+    let n = bob_api.get("/_matrix/client/v3/notifications").await.ok();
+    let notes = n["notifications"].as_array().unwrap();
+    assert_eq!(notes.len(), 3, "{n}");
+    assert_eq!(notes[0]["event"]["event_id"], last.as_str());
+    assert_eq!((notes[0]["read"].as_bool(), notes[0]["room_id"].as_str()), (Some(false), Some(room_id.as_str())));
+    let hl = bob_api.get("/_matrix/client/v3/notifications?only=highlight").await.ok();
+    assert_eq!(hl["notifications"].as_array().map(Vec::len), Some(1), "{hl}");
+    let p1 = bob_api.get("/_matrix/client/v3/notifications?limit=2").await.ok();
+    assert_eq!(p1["notifications"].as_array().map(Vec::len), Some(2));
+    let tok = p1["next_token"].as_str().expect("next_token");
+    let p2 = bob_api.get(&format!("/_matrix/client/v3/notifications?limit=2&from={tok}")).await.ok();
+    assert_eq!(p2["notifications"].as_array().map(Vec::len), Some(1));
+    assert!(p2.get("next_token").is_none());
+
     // Reading up to the mention clears the counts.
     bob_room.send_single_receipt(SendReceiptType::Read, ReceiptThread::Unthreaded, last).await.unwrap();
     sync(&bob).await;
     let c = bob_room.unread_notification_counts();
     assert_eq!((c.notification_count, c.highlight_count), (0, 0));
+    let n = bob_api.get("/_matrix/client/v3/notifications").await.ok();
+    assert!(n["notifications"].as_array().unwrap().iter().all(|x| x["read"] == true), "{n}");
 
     // A user rule that silences the room (through the push rules API) stops counting.
-    let bob_api = Api::as_client(&node, &bob);
     bob_api
         .put(&format!("/_matrix/client/v3/pushrules/global/room/{}", enc(room_id.as_str())), &json!({"actions": []}))
         .await

@@ -342,6 +342,76 @@ impl Core {
         Ok(c)
     }
 
+    /// `GET /notifications`: events of the user's joined rooms that notified them, newest
+    /// first, below stream position `from` (the previous `next_token`); `only_highlight` keeps
+    /// highlights. At most `limits.search_scan_events_max` events are looked at per request.
+    pub fn notifications(
+        &self,
+        user: &UserId,
+        device: &ruma::DeviceId,
+        from: Option<u64>,
+        limit: usize,
+        only_highlight: bool,
+    ) -> Result<JsonValue> {
+        let limit = limit.clamp(1, self.limits.timeline_limit_max);
+        let rooms: Vec<ruma::OwnedRoomId> =
+            self.user_rooms(user)?.into_iter().filter(|(_, ur)| ur.membership == "join").map(|(r, _)| r).collect();
+        let rules = self.push_rules(user)?;
+        let mut ctxs: BTreeMap<ruma::OwnedRoomId, (PushConditionRoomCtx, super::receipts::ReadPoints)> =
+            BTreeMap::new();
+        let mut out = Vec::new();
+        let mut next = None;
+        let upper = from.unwrap_or_else(|| self.visible_pos().saturating_add(1));
+        self.scan_rooms_newest_first(&rooms, upper, self.limits.search_scan_events_max, |pos, id| {
+            let Some(stored) = self.stored_pdu(&id)? else { return Ok(false) };
+            if stored.redacted_by.is_some() {
+                return Ok(false);
+            }
+            let pdu = Pdu::from_json(id, &stored.json)?;
+            if pdu.sender == user {
+                return Ok(false);
+            }
+            let before = self.state_of_group(stored.state_before)?;
+            if self.membership_in(&before, user)?.as_deref() != Some("join") {
+                return Ok(false);
+            }
+            if !ctxs.contains_key(&pdu.room) {
+                let c = (self.push_context(user, &pdu.room)?, self.read_points(user, &pdu.room)?);
+                ctxs.insert(pdu.room.clone(), c);
+            }
+            let Some((ctx, points)) = ctxs.get(&pdu.room) else { return Ok(false) };
+            let actions = self.push_actions(&rules, ctx, &pdu);
+            let hit = if only_highlight {
+                actions.iter().any(Action::is_highlight)
+            } else {
+                actions.iter().any(Action::should_notify)
+            };
+            if !hit {
+                return Ok(false);
+            }
+            if out.len() == limit {
+                next = Some(out.last().map(|(p, _)| *p).unwrap_or(pos));
+                return Ok(true);
+            }
+            let content = pdu.content_value();
+            let read = pos <= points.for_thread(thread_of(&content));
+            let event = self.client_event_for(Some((user, device)), &pdu, &stored, true)?;
+            out.push((
+                pos,
+                json!({
+                    "actions": actions, "event": event, "read": read,
+                    "room_id": pdu.room, "ts": u64::from(pdu.origin_server_ts.0),
+                }),
+            ));
+            Ok(false)
+        })?;
+        let mut resp = json!({"notifications": out.into_iter().map(|(_, n)| n).collect::<Vec<_>>()});
+        if let Some(n) = next {
+            resp["next_token"] = json!(n.to_string());
+        }
+        Ok(resp)
+    }
+
     /// `POST /pushers/set`: add, replace (`kind` set) or delete (`kind: null`) a pusher.
     pub async fn set_pusher(&self, user: &UserId, pusher: &JsonValue) -> Result<()> {
         let field = |k: &str| -> Result<String> {

@@ -94,7 +94,7 @@ fn parse_batch(t: &str) -> Result<(u64, usize)> {
 impl Core {
     /// Events of `rooms` below `upper`, newest first across rooms, at most `budget`; `f` sees
     /// each and returns whether to stop.
-    fn scan_rooms_newest_first(
+    pub(crate) fn scan_rooms_newest_first(
         &self,
         rooms: &[OwnedRoomId],
         upper: u64,

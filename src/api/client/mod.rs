@@ -116,6 +116,7 @@ fn ephemeral_routes(r: Router<AppState>) -> Router<AppState> {
     let r = ruma_route!(r, c::push::set_pushrule_enabled::v3::Request, push::set_pushrule_enabled_route);
     let r = ruma_route!(r, c::push::get_pushrule_actions::v3::Request, push::get_pushrule_actions_route);
     let r = ruma_route!(r, c::push::set_pushrule_actions::v3::Request, push::set_pushrule_actions_route);
+    let r = ruma_route!(r, c::push::get_notifications::v3::Request, push::get_notifications_route);
     let r = ruma_route!(r, c::push::get_pushers::v3::Request, push::get_pushers_route);
     let r = ruma_route!(r, c::push::set_pusher::v3::Request, push::set_pusher_route);
     let r = ruma_route!(r, c::relations::get_relating_events::v1::Request, relations::get_relating_events_route);

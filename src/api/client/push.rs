@@ -3,8 +3,9 @@
 
 use axum::{extract::State, Json};
 use ruma::api::client::push::{
-    delete_pushrule, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all,
-    get_pushrules_global_scope, set_pusher, set_pushrule, set_pushrule_actions, set_pushrule_enabled,
+    delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
+    get_pushrules_all, get_pushrules_global_scope, set_pusher, set_pushrule, set_pushrule_actions,
+    set_pushrule_enabled,
 };
 use serde_json::{json, Value};
 
@@ -99,6 +100,24 @@ pub async fn set_pushrule_actions_route(
     let req = &body.body;
     s.core.set_push_rule_actions(user, req.kind.clone(), &req.rule_id, req.actions.clone()).await?;
     Ok(Json(json!({})))
+}
+
+/// # `GET /_matrix/client/v3/notifications`
+///
+/// `from` is the previous `next_token`; `only=highlight` keeps highlights.
+pub async fn get_notifications_route(
+    State(s): State<AppState>,
+    body: Ruma<get_notifications::v3::Request>,
+) -> ApiResult<Json<Value>> {
+    let (user, device) = body.sender()?;
+    let r = &body.body;
+    let from = match r.from.as_deref() {
+        Some(f) => Some(f.parse::<u64>().map_err(|_| Error::InvalidParam(format!("invalid from token {f:?}")))?),
+        None => None,
+    };
+    let limit = r.limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX)).unwrap_or(20);
+    let only_highlight = r.only.as_deref() == Some("highlight");
+    Ok(Json(s.core.notifications(user, device, from, limit, only_highlight)?))
 }
 
 /// # `GET /_matrix/client/v3/pushers`
