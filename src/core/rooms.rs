@@ -424,8 +424,7 @@ impl Core {
                     (sg, rs.clone())
                 }
             };
-            let in_batch =
-                |id: &EventId| events.iter().find(|e| e.signed.event_id == *id).map(|e| e.signed.pdu.clone());
+            let in_batch = |id: &EventId| events.iter().find(|e| e.signed.event_id == *id).map(|e| e.signed.pdu.clone());
             self.stage_membership_changes(batch, room_id, &room_map, &new_room_map, pos, &in_batch)?;
             record.state_group = new_room_sg;
             room_map = new_room_map;
