@@ -57,6 +57,22 @@ pub struct Limits {
     /// `mxc://` URIs a user may hold reserved (`/media/v1/create`) but not yet uploaded; more
     /// get 429 `M_LIMIT_EXCEEDED`. Default 10.
     pub pending_uploads_per_user_max: usize,
+    /// Longest typing notification a client may set; longer `timeout`s are clamped.
+    /// Default 120_000.
+    pub typing_timeout_ms_max: u64,
+    /// Events looked at per room when counting unread notifications after a read receipt; the
+    /// counts stop there. Default 1000.
+    pub unread_scan_events_max: usize,
+    /// Events looked at per `/search` request (newest first, across the user's rooms).
+    /// Default 10_000.
+    pub search_scan_events_max: usize,
+    /// Relations looked at per event for bundled aggregations, per `/relations` page and per
+    /// `/threads` page. Default 1000.
+    pub relations_scan_max: usize,
+    /// Pushers a user may register. Default 32.
+    pub pushers_per_user_max: usize,
+    /// Most results of one `/user_directory/search`. Default 50.
+    pub user_directory_limit_max: usize,
 }
 
 impl Default for Config {
@@ -85,6 +101,12 @@ impl Default for Limits {
             max_upload_bytes: 50 * 1024 * 1024,
             thumbnail_source_pixels_max: 25_000_000,
             pending_uploads_per_user_max: 10,
+            typing_timeout_ms_max: 120_000,
+            unread_scan_events_max: 1000,
+            search_scan_events_max: 10_000,
+            relations_scan_max: 1000,
+            pushers_per_user_max: 32,
+            user_directory_limit_max: 50,
         }
     }
 }

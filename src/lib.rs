@@ -14,6 +14,10 @@
 //!   data, filters), `filter.rs`, `status.rs`, `media.rs` (media metadata, reservations).
 //! - `media/` — media bytes behind the `MediaStore` trait (files under `<data-dir>/media`, or
 //!   memory), upload streaming, thumbnails (`thumbnail.rs`, with the `image` crate).
+//!   data, filters), `filter.rs`, `status.rs`; per-user and ephemeral data: `typing.rs`,
+//!   `receipts.rs` (receipts, read markers, the ephemeral block of sync), `push.rs` (push
+//!   rules, pushers, unread counts), `relations.rs` (relation index, bundled aggregations,
+//!   `/relations`, `/threads`), `search.rs`, `tags.rs`, `presence.rs`, `user_directory.rs`.
 //! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
 //!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`), `server.rs`
 //!   (server keys), `outpost.rs` (`/_outpost/v1` status and PDU inspection), `middleware.rs`

@@ -95,6 +95,12 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         timeline_limit_default: config.limits.timeline_limit_default,
         sync_timeout_ms_max: config.limits.sync_timeout_ms_max,
         registration_enabled: config.registration_enabled,
+        typing_timeout_ms_max: config.limits.typing_timeout_ms_max,
+        unread_scan_events_max: config.limits.unread_scan_events_max,
+        search_scan_events_max: config.limits.search_scan_events_max,
+        relations_scan_max: config.limits.relations_scan_max,
+        pushers_per_user_max: config.limits.pushers_per_user_max,
+        user_directory_limit_max: config.limits.user_directory_limit_max,
     };
     let core = Core::open(store, identity, Arc::new(SystemClock), limits)?;
     let listener = TcpListener::bind(config.client_addr)

@@ -100,10 +100,14 @@ where
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
+        let mut path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
             Ok(p) => p.iter().map(|(_, v)| v.to_owned()).collect(),
             Err(_) => Vec::new(),
         };
+        // `.../state/{type}/` (see `paths`): the empty state key is the last path argument.
+        if parts.uri.path().ends_with('/') && path_args.len() >= 2 {
+            path_args.push(String::new());
+        }
         let limit = state.config.limits.max_request_bytes;
         let bytes = axum::body::to_bytes(body, limit)
             .await
