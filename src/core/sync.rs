@@ -164,6 +164,10 @@ impl Core {
         let timeout = Duration::from_millis(req.timeout_ms.min(self.limits.sync_timeout_ms_max));
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.subscribe();
+        if let Some(since) = req.since {
+            // The client has seen everything up to `since`: drop the to-device messages it got.
+            self.ack_to_device(user, device, since).await?;
+        }
         loop {
             self.expire_typing().await?;
             let upto = *rx.borrow_and_update();
@@ -184,6 +188,9 @@ impl Core {
 
     fn sync_once(&self, user: &UserId, device: &DeviceId, req: &SyncRequest, upto: u64) -> Result<(JsonValue, bool)> {
         let since = req.since.unwrap_or(0);
+        // To-device, device lists, key counts (e2ee.rs); may lower `upto` for the whole response.
+        let e2ee = self.sync_e2ee(user, device, req.since, upto)?;
+        let upto = e2ee.upto;
         let rf = &req.filter.room;
         let tl_limit = rf
             .timeline
@@ -251,8 +258,9 @@ impl Core {
                 }
             }
         }
-        let has_content = !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global.is_empty();
-        let resp = json!({
+        let has_content =
+            !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global.is_empty() || e2ee.has_content();
+        let mut resp = json!({
             "next_batch": token(upto),
             "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
             "account_data": {"events": global},
@@ -261,6 +269,7 @@ impl Core {
             "device_lists": {"changed": [], "left": []},
             "device_one_time_keys_count": {},
         });
+        e2ee.fill(&mut resp);
         Ok((resp, has_content))
     }
 
