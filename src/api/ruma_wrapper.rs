@@ -119,6 +119,10 @@ where
         let (user, device) = match access_token(&parts) {
             Some(t) if required || optional => {
                 let (u, d) = state.core.authenticate(&t)?;
+                // Last-seen time for `/devices` (written at most once a minute per device).
+                if let Err(e) = state.core.touch_device(&u, &d).await {
+                    tracing::warn!(error = %e, "could not record device last-seen time");
+                }
                 (Some(u), Some(d))
             }
             None if required => return Err(Error::MissingToken.into()),
