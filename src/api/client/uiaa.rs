@@ -60,7 +60,7 @@ pub fn require_password(core: &Core, user: &UserId, auth: Option<&AuthData>) -> 
         Some(other) => Err(challenge(
             other.session(),
             Some((
-                "M_UNRECOGNIZED",
+                "M_FORBIDDEN",
                 format!(
                     "unsupported auth type {}; use m.login.password",
                     other.auth_type().map(|t| t.to_string()).unwrap_or_default()
