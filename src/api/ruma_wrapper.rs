@@ -52,10 +52,7 @@ pub fn access_token(parts: &axum::http::request::Parts) -> Option<String> {
             return Some(t.trim().to_owned());
         }
     }
-    parts
-        .uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|t| percent_decode(t)))
+    parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(percent_decode))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -63,7 +60,7 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 + 1 {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
             if let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
                 out.push(b);
                 i += 3;
@@ -81,14 +78,7 @@ fn from_http_error(e: FromHttpRequestError) -> ApiError {
         FromHttpRequestError::MethodMismatch { .. } => {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Unrecognized request")
         }
-        other => {
-            let msg = other.to_string();
-            if msg.contains("missing field") {
-                Error::BadJson(msg).into()
-            } else {
-                Error::BadJson(msg).into()
-            }
-        }
+        other => Error::BadJson(other.to_string()).into(),
     }
 }
 

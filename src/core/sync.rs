@@ -141,8 +141,7 @@ impl Core {
                 return Ok((out, false));
             }
             for (k, v) in &chunk {
-                let id = EventId::parse(String::from_utf8_lossy(v).into_owned())
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let id = EventId::parse(String::from_utf8_lossy(v)).map_err(|e| Error::Internal(e.to_string()))?;
                 let Some((pdu, stored)) = self.load(&id)? else { continue };
                 if !filter::matches(f, &pdu) || !self.can_see_event(user, &pdu, &stored)? {
                     continue;
@@ -209,13 +208,7 @@ impl Core {
             match ur.membership.as_str() {
                 "join" => {
                     let newly = changed_membership || req.full_state;
-                    let from = if newly && req.since.is_none() {
-                        0
-                    } else if changed_membership {
-                        0
-                    } else {
-                        since
-                    };
+                    let from = if changed_membership { 0 } else { since };
                     if let Some(r) = self.sync_room(user, device, &room, from, upto, newly, tl_limit, req)? {
                         join.insert(room.to_string(), r);
                     }
@@ -430,12 +423,7 @@ impl Core {
                 }
             }
         }
-        Ok(MessagesPage {
-            chunk,
-            start,
-            end: if more || dir == Direction::Backward && !events.is_empty() && more { end } else { None },
-            state,
-        })
+        Ok(MessagesPage { chunk, start, end: if more { end } else { None }, state })
     }
 
     /// Fail unless `user` is or was in `room` (so it may read some of its history).
