@@ -18,7 +18,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund --loglevel=error
+  # `npm ci` trips over npm's lock files without platform-specific optional packages (rollup);
+  # `npm install` honours the pinned versions and the lock file and adds what this platform needs.
+  npm install --no-audit --no-fund --loglevel=error
 fi
 npx vite build
 
