@@ -23,5 +23,6 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod identity;
+pub mod net;
 pub mod server;
 pub mod store;

@@ -55,8 +55,11 @@ pub struct Node {
     pub client_addr: SocketAddr,
     /// The protocol core.
     pub core: Arc<Core>,
+    /// The federation router, for transports that deliver requests to this node.
+    pub federation: axum::Router,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), std::io::Error>>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -70,6 +73,7 @@ impl Node {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        let _ = self.stop_tx.send(true);
         if let Some(task) = self.task.take() {
             match task.await {
                 Ok(r) => r.map_err(StartError::Serve)?,
@@ -102,7 +106,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let client_addr = listener.local_addr().map_err(StartError::Serve)?;
     let max_concurrent = config.limits.max_concurrent_requests;
     let state = AppState { core: core.clone(), config: Arc::new(config) };
+    let federation = api::federation::router(state.clone());
     let app = api::router(state).layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrent));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(core.clone().run_sender(stop_rx));
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -117,7 +124,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         client_url = %format!("http://{client_addr}"),
         "outpost node ready"
     );
-    Ok(Node { client_addr, core, shutdown: Some(tx), task: Some(task) })
+    Ok(Node { client_addr, core, federation, shutdown: Some(tx), task: Some(task), stop_tx })
 }
 
 /// Run a node until Ctrl-C or SIGTERM.

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod error;
+pub mod federation;
 pub mod outpost;
 pub mod ruma_wrapper;
 pub mod server;

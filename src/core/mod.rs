@@ -8,6 +8,7 @@
 //! return only after [`GroupCommit`] reports the data flushed; then they advance the *visible*
 //! stream position, which wakes long-polling syncs. Read paths never block on writers.
 
+pub mod federation;
 pub mod filter;
 pub mod pdu;
 pub mod rooms;
@@ -134,6 +135,10 @@ pub struct Core {
     room_locks: StdMutex<BTreeMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// The highest stream position that is durable; syncs wait on it.
     visible: tokio::sync::watch::Sender<u64>,
+    /// How to reach other servers (set once at start-up; absent on a node without a mesh).
+    pub(crate) transport: std::sync::OnceLock<Arc<dyn federation::Transport>>,
+    /// Outbound delivery state per destination.
+    pub(crate) sender: federation::sender::SenderState,
     /// Decoded state maps by group id (bounded, see `state.rs`).
     state_cache: StdMutex<BTreeMap<u64, Arc<state::StateMap>>>,
     started_ms: u64,
@@ -190,6 +195,8 @@ impl Core {
             room_locks: StdMutex::new(BTreeMap::new()),
             visible,
             state_cache: StdMutex::new(BTreeMap::new()),
+            transport: std::sync::OnceLock::new(),
+            sender: Default::default(),
             started_ms,
         }))
     }

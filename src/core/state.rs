@@ -120,7 +120,11 @@ impl Core {
     }
 
     /// [`Core::auth_chain`] with a custom event lookup (for events not stored yet).
-    pub fn auth_chain_with(&self, ids: impl IntoIterator<Item = OwnedEventId>, fetch: Fetch<'_>) -> Result<BTreeSet<OwnedEventId>> {
+    pub fn auth_chain_with(
+        &self,
+        ids: impl IntoIterator<Item = OwnedEventId>,
+        fetch: Fetch<'_>,
+    ) -> Result<BTreeSet<OwnedEventId>> {
         let mut seen = BTreeSet::new();
         let mut todo: Vec<OwnedEventId> = Vec::new();
         for id in ids {
@@ -146,7 +150,12 @@ impl Core {
     }
 
     /// [`Core::resolve_state`] with a custom event lookup (for events not stored yet).
-    pub fn resolve_state_with(&self, rules: &RoomVersionRules, forks: &[Arc<StateMap>], fetch: Fetch<'_>) -> Result<StateMap> {
+    pub fn resolve_state_with(
+        &self,
+        rules: &RoomVersionRules,
+        forks: &[Arc<StateMap>],
+        fetch: Fetch<'_>,
+    ) -> Result<StateMap> {
         match forks {
             [] => return Ok(StateMap::new()),
             [one] => return Ok((**one).clone()),
@@ -177,7 +186,11 @@ impl Core {
 
     /// The conflicted state subgraph of state resolution v2.1: events on an `auth_events`
     /// path from one conflicted event to another (the conflicted events included).
-    fn conflicted_subgraph(&self, conflicted: BTreeSet<OwnedEventId>, fetch: Fetch<'_>) -> Result<EventIdSet<OwnedEventId>> {
+    fn conflicted_subgraph(
+        &self,
+        conflicted: BTreeSet<OwnedEventId>,
+        fetch: Fetch<'_>,
+    ) -> Result<EventIdSet<OwnedEventId>> {
         // Collect the auth DAG below the conflicted set.
         let mut parents: BTreeMap<OwnedEventId, Vec<OwnedEventId>> = BTreeMap::new();
         let mut todo: Vec<OwnedEventId> = conflicted.iter().cloned().collect();

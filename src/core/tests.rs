@@ -128,7 +128,8 @@ async fn state_resolution_prefers_power_events_and_reauthorises() {
         let (core, alice, bob, room) = setup(v.clone()).await;
         let mut pl = power_levels(&core, &room);
         pl["users"][bob.as_str()] = json!(50);
-        let base = core.send_event(&alice, None, &room, state("m.room.power_levels", "", pl.clone()), None).await.unwrap();
+        let base =
+            core.send_event(&alice, None, &room, state("m.room.power_levels", "", pl.clone()), None).await.unwrap();
 
         pl["users"][bob.as_str()] = json!(0);
         let demote =
@@ -163,9 +164,14 @@ async fn state_resolution_prefers_power_events_and_reauthorises() {
 async fn concurrent_ban_and_profile_change_resolve_to_ban() {
     let (core, alice, bob, room) = setup(RoomVersionId::V12).await;
     let base = core.send_event(&alice, None, &room, msg("base"), None).await.unwrap();
-    core.send_event_on(&alice, &room, state("m.room.member", bob.as_str(), json!({"membership": "ban"})), vec![base.clone()])
-        .await
-        .unwrap();
+    core.send_event_on(
+        &alice,
+        &room,
+        state("m.room.member", bob.as_str(), json!({"membership": "ban"})),
+        vec![base.clone()],
+    )
+    .await
+    .unwrap();
     core.send_event_on(
         &bob,
         &room,
