@@ -27,6 +27,8 @@ pub struct AppState {
     pub core: Arc<Core>,
     /// The node configuration.
     pub config: Arc<Config>,
+    /// The mesh's peer table, once the mesh runs.
+    pub mesh_peers: Arc<std::sync::OnceLock<crate::net::mesh::PeerTable>>,
 }
 
 /// Register `$handler` for every path (r0, v3, unstable) and the method of ruma endpoint `$req`.

@@ -139,6 +139,8 @@ pub struct Core {
     pub(crate) transport: std::sync::OnceLock<Arc<dyn federation::Transport>>,
     /// Outbound delivery state per destination.
     pub(crate) sender: federation::sender::SenderState,
+    /// The operator token (`outpost status` / `outpost peers`), if set.
+    operator_token: std::sync::OnceLock<String>,
     /// Decoded state maps by group id (bounded, see `state.rs`).
     state_cache: StdMutex<BTreeMap<u64, Arc<state::StateMap>>>,
     started_ms: u64,
@@ -196,6 +198,7 @@ impl Core {
             visible,
             state_cache: StdMutex::new(BTreeMap::new()),
             transport: std::sync::OnceLock::new(),
+            operator_token: std::sync::OnceLock::new(),
             sender: Default::default(),
             started_ms,
         }))
@@ -331,3 +334,15 @@ impl Core {
 
 #[cfg(test)]
 mod tests;
+
+impl Core {
+    /// Set the operator token (once, at start-up).
+    pub fn set_operator_token(&self, token: String) {
+        let _ = self.operator_token.set(token);
+    }
+
+    /// Whether `token` is the operator token.
+    pub fn is_operator_token(&self, token: &str) -> bool {
+        self.operator_token.get().is_some_and(|t| !t.is_empty() && t == token)
+    }
+}

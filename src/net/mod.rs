@@ -5,3 +5,4 @@
 //! - The libp2p mesh (QUIC, TCP fallback, mDNS discovery) is `mesh.rs`.
 
 pub mod local;
+pub mod mesh;
