@@ -81,6 +81,31 @@ pub struct Limits {
     /// Transaction ids remembered per device for idempotent `/send`; the oldest are forgotten.
     /// Default 1000.
     pub txn_ids_per_device_max: usize,
+    /// Largest media upload (`m.upload.size`); larger ones get 413 `M_TOO_LARGE`. Separate from
+    /// `max_request_bytes`: media bodies are streamed to disk. Default 50 MiB (52_428_800).
+    pub max_upload_bytes: u64,
+    /// Largest image (width × height) that is decoded to make a thumbnail; larger ones get
+    /// 413 `M_TOO_LARGE` from the thumbnail endpoints. Default 25_000_000.
+    pub thumbnail_source_pixels_max: u64,
+    /// `mxc://` URIs a user may hold reserved (`/media/v1/create`) but not yet uploaded; more
+    /// get 429 `M_LIMIT_EXCEEDED`. Default 10.
+    pub pending_uploads_per_user_max: usize,
+    /// Longest typing notification a client may set; longer `timeout`s are clamped.
+    /// Default 120_000.
+    pub typing_timeout_ms_max: u64,
+    /// Events looked at per room when counting unread notifications after a read receipt; the
+    /// counts stop there. Default 1000.
+    pub unread_scan_events_max: usize,
+    /// Events looked at per `/search` request (newest first, across the user's rooms).
+    /// Default 10_000.
+    pub search_scan_events_max: usize,
+    /// Relations looked at per event for bundled aggregations, per `/relations` page and per
+    /// `/threads` page. Default 1000.
+    pub relations_scan_max: usize,
+    /// Pushers a user may register. Default 32.
+    pub pushers_per_user_max: usize,
+    /// Most results of one `/user_directory/search`. Default 50.
+    pub user_directory_limit_max: usize,
 }
 
 impl Default for Config {
@@ -107,6 +132,15 @@ impl Default for Limits {
             sled_cache_bytes: 8 * 1024 * 1024,
             max_concurrent_requests: 256,
             txn_ids_per_device_max: 1000,
+            max_upload_bytes: 50 * 1024 * 1024,
+            thumbnail_source_pixels_max: 25_000_000,
+            pending_uploads_per_user_max: 10,
+            typing_timeout_ms_max: 120_000,
+            unread_scan_events_max: 1000,
+            search_scan_events_max: 10_000,
+            relations_scan_max: 1000,
+            pushers_per_user_max: 32,
+            user_directory_limit_max: 50,
         }
     }
 }
@@ -239,6 +273,7 @@ mod tests {
         assert_eq!((c.log.as_str(), c.registration_enabled), ("info", true));
         assert_eq!(c.limits.max_request_bytes, 1_048_576);
         assert_eq!(c.limits.sled_cache_bytes, 8_388_608);
+        assert_eq!(c.limits.max_upload_bytes, 52_428_800);
         assert_eq!(toml::from_str::<Config>("").expect("empty file"), c);
     }
 

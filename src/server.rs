@@ -13,6 +13,7 @@ use crate::{
     config::Config,
     core::{self, Core},
     identity::{Identity, IdentityError},
+    media::{FsMediaStore, Media, MediaLimits},
     store::{KvStore, SledStore, StoreError},
 };
 
@@ -113,6 +114,12 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         timeline_limit_default: config.limits.timeline_limit_default,
         sync_timeout_ms_max: config.limits.sync_timeout_ms_max,
         registration_enabled: config.registration_enabled,
+        typing_timeout_ms_max: config.limits.typing_timeout_ms_max,
+        unread_scan_events_max: config.limits.unread_scan_events_max,
+        search_scan_events_max: config.limits.search_scan_events_max,
+        relations_scan_max: config.limits.relations_scan_max,
+        pushers_per_user_max: config.limits.pushers_per_user_max,
+        user_directory_limit_max: config.limits.user_directory_limit_max,
     };
     let core = Core::open(store, identity, Arc::new(SystemClock), limits)?;
     core.set_operator_token(operator_token(&dir)?);
@@ -134,7 +141,22 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         .map_err(|source| StartError::Bind { addr: config.client_addr, source })?;
     let client_addr = listener.local_addr().map_err(StartError::Serve)?;
     let max_concurrent = config.limits.max_concurrent_requests;
-    let state = AppState { core: core.clone(), config: Arc::new(config), mesh_peers: Default::default() };
+    let media_store = FsMediaStore::open(dir.join("media"))
+        .map_err(|source| StartError::DataDir { path: dir.join("media").display().to_string(), source })?;
+    let media = Media::new(
+        Arc::new(media_store),
+        MediaLimits {
+            max_upload_bytes: config.limits.max_upload_bytes,
+            thumbnail_source_pixels_max: config.limits.thumbnail_source_pixels_max,
+            pending_uploads_per_user_max: config.limits.pending_uploads_per_user_max,
+        },
+    );
+    let state = AppState {
+        core: core.clone(),
+        config: Arc::new(config),
+        media: Arc::new(media),
+        mesh_peers: Default::default(),
+    };
     let federation = api::federation::router(state.clone());
     let mesh = match mesh_config {
         Some(mc) => {

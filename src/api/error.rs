@@ -50,10 +50,13 @@ impl From<Error> for ApiError {
             Error::UserInUse => (S::BAD_REQUEST, "M_USER_IN_USE"),
             Error::InvalidUsername(_) => (S::BAD_REQUEST, "M_INVALID_USERNAME"),
             Error::RoomInUse(_) => (S::BAD_REQUEST, "M_ROOM_IN_USE"),
+            Error::Conflict(_) => (S::CONFLICT, "M_UNKNOWN"),
             Error::UnsupportedRoomVersion(_) => (S::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::Unrecognized(_) => (S::NOT_FOUND, "M_UNRECOGNIZED"),
             Error::Unknown(_) => (S::BAD_REQUEST, "M_UNKNOWN"),
             Error::LimitExceeded(_) => (S::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+            Error::NotYetUploaded(_) => (S::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED"),
+            Error::CannotOverwriteMedia(_) => (S::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA"),
             Error::Store(_) | Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         };
         if status == S::INTERNAL_SERVER_ERROR {
@@ -72,7 +75,9 @@ impl IntoResponse for ApiError {
         let mut body = self.extra.unwrap_or_default();
         body.insert("errcode".into(), json!(self.errcode));
         body.insert("error".into(), json!(self.message));
-        (self.status, Json(serde_json::Value::Object(body))).into_response()
+        let mut res = (self.status, Json(serde_json::Value::Object(body))).into_response();
+        res.extensions_mut().insert(super::middleware::ErrCode(self.errcode));
+        res
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod error;
 pub mod federation;
+pub mod middleware;
 pub mod outpost;
 pub mod ruma_wrapper;
 pub mod server;
@@ -12,13 +13,12 @@ pub mod server;
 use std::sync::Arc;
 
 use axum::{
-    http::{header, HeaderValue, Method, StatusCode},
+    http::{header, HeaderValue, StatusCode},
     response::IntoResponse,
     Router,
 };
-use tower_http::cors::{Any, CorsLayer};
 
-use crate::{config::Config, core::Core};
+use crate::{config::Config, core::Core, media::Media};
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
@@ -29,6 +29,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The mesh's peer table, once the mesh runs.
     pub mesh_peers: Arc<std::sync::OnceLock<crate::net::mesh::PeerTable>>,
+    /// Media content and thumbnails.
+    pub media: Arc<Media>,
 }
 
 /// Register `$handler` for every path (r0, v3, unstable) and the method of ruma endpoint `$req`.
@@ -39,7 +41,7 @@ macro_rules! ruma_route {
         let method = <$req as ruma::api::Metadata>::METHOD;
         let filter = axum::routing::MethodFilter::try_from(method).expect("standard HTTP method");
         for path in $crate::api::ruma_wrapper::paths::<$req>() {
-            r = r.route(path, axum::routing::on(filter, $handler));
+            r = r.route(&path, axum::routing::on(filter, $handler));
         }
         r
     }};
@@ -51,20 +53,12 @@ pub fn router(state: AppState) -> Router {
     let r = client::routes(r);
     let r = server::routes(r);
     let r = outpost::routes(r);
-    // CORS as the client-server spec requires, so browser clients work.
-    let cors = CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::ACCEPT,
-            header::HeaderName::from_static("x-requested-with"),
-        ]);
     r.fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(cors)
+        // CORS as the client-server spec requires, so browser clients work.
+        .layer(axum::middleware::from_fn(middleware::cors))
         .layer(axum::middleware::map_response(server_header))
+        .layer(axum::middleware::from_fn(middleware::request_log))
         .with_state(state)
 }
 

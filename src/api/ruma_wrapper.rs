@@ -116,10 +116,14 @@ where
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
+        let mut path_args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
             Ok(p) => p.iter().map(|(_, v)| v.to_owned()).collect(),
             Err(_) => Vec::new(),
         };
+        // `.../state/{type}/` (see `paths`): the empty state key is the last path argument.
+        if parts.uri.path().ends_with('/') && path_args.len() >= 2 {
+            path_args.push(String::new());
+        }
         let limit = state.config.limits.max_request_bytes;
         let bytes = axum::body::to_bytes(body, limit)
             .await
@@ -207,10 +211,21 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
 }
 
 /// `Metadata` paths of `T` (all versions, `r0` included), for the router.
-pub fn paths<T: Metadata>() -> Vec<&'static str>
+pub fn paths<T: Metadata>() -> Vec<String>
 where
     T::PathBuilder: ruma::api::path_builder::PathBuilder,
 {
     use ruma::api::path_builder::PathBuilder;
-    T::PATH_BUILDER.all_paths().collect()
+    let mut out = Vec::new();
+    for p in T::PATH_BUILDER.all_paths() {
+        out.push(p.to_owned());
+        // An empty state key leaves the last segment empty, which a `{state_key}` capture never
+        // matches: route `.../state/{event_type}` and `.../state/{event_type}/` too (ruma reads
+        // the missing argument as the empty string).
+        if let Some(base) = p.strip_suffix("/{state_key}") {
+            out.push(base.to_owned());
+            out.push(format!("{base}/"));
+        }
+    }
+    out
 }

@@ -10,11 +10,20 @@
 
 pub mod federation;
 pub mod filter;
+pub mod media;
 pub mod pdu;
+pub mod presence;
+pub mod push;
+pub mod receipts;
+pub mod relations;
 pub mod rooms;
+pub mod search;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod tags;
+pub mod typing;
+pub mod user_directory;
 pub mod users;
 
 use std::{
@@ -74,6 +83,9 @@ pub enum Error {
     /// `M_ROOM_IN_USE` (400).
     #[error("{0}")]
     RoomInUse(String),
+    /// 409 Conflict (`M_UNKNOWN`), e.g. a room alias that already exists.
+    #[error("{0}")]
+    Conflict(String),
     /// `M_UNSUPPORTED_ROOM_VERSION` (400).
     #[error("unsupported room version {0}")]
     UnsupportedRoomVersion(String),
@@ -86,6 +98,12 @@ pub enum Error {
     /// `M_LIMIT_EXCEEDED` (429).
     #[error("{0}")]
     LimitExceeded(String),
+    /// `M_NOT_YET_UPLOADED` (504): reserved media whose content has not arrived in time.
+    #[error("{0}")]
+    NotYetUploaded(String),
+    /// `M_CANNOT_OVERWRITE_MEDIA` (409): content was already uploaded to this media id.
+    #[error("{0}")]
+    CannotOverwriteMedia(String),
     /// Storage failure (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -108,6 +126,18 @@ pub struct Limits {
     pub sync_timeout_ms_max: u64,
     /// Whether `/register` is open.
     pub registration_enabled: bool,
+    /// Longest typing notification (ms).
+    pub typing_timeout_ms_max: u64,
+    /// Events looked at per room when counting unread notifications.
+    pub unread_scan_events_max: usize,
+    /// Events looked at per `/search` request.
+    pub search_scan_events_max: usize,
+    /// Relations looked at per bundle, `/relations` page or `/threads` page.
+    pub relations_scan_max: usize,
+    /// Pushers per user.
+    pub pushers_per_user_max: usize,
+    /// Most results of one user-directory search.
+    pub user_directory_limit_max: usize,
 }
 
 impl Default for Limits {
@@ -117,6 +147,12 @@ impl Default for Limits {
             timeline_limit_default: 20,
             sync_timeout_ms_max: 30_000,
             registration_enabled: true,
+            typing_timeout_ms_max: 120_000,
+            unread_scan_events_max: 1000,
+            search_scan_events_max: 10_000,
+            relations_scan_max: 1000,
+            pushers_per_user_max: 32,
+            user_directory_limit_max: 50,
         }
     }
 }
@@ -144,6 +180,10 @@ pub struct Core {
     /// Decoded state maps by group id (bounded, see `state.rs`).
     state_cache: StdMutex<BTreeMap<u64, Arc<state::StateMap>>>,
     started_ms: u64,
+    /// Who is typing where (in memory only; see `typing.rs`).
+    typing: typing::TypingState,
+    /// Serialises read-modify-write updates of per-user data (receipts, tags, push rules).
+    user_data_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -201,6 +241,8 @@ impl Core {
             operator_token: std::sync::OnceLock::new(),
             sender: Default::default(),
             started_ms,
+            typing: typing::TypingState::default(),
+            user_data_lock: tokio::sync::Mutex::new(()),
         }))
     }
 

@@ -269,8 +269,10 @@ pub fn hash_and_sign(
     object: &mut CanonicalJsonObject,
     rules: &RoomVersionRules,
 ) -> Result<(), Error> {
-    hash_and_sign_event(entity, key_pair, object, &rules.redaction)
-        .map_err(|e| Error::BadJson(format!("cannot sign event: {e}")))
+    hash_and_sign_event(entity, key_pair, object, &rules.redaction).map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => Error::TooLarge(format!("event over {MAX_PDU_BYTES} bytes")),
+        other => Error::BadJson(format!("cannot sign event: {other}")),
+    })
 }
 
 /// The event id of a PDU: `$` + the reference hash (room v4+ format).

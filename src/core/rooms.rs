@@ -464,14 +464,14 @@ impl Core {
                     id.as_bytes().to_vec(),
                 );
             }
-            if let Some(target) =
-                pdu.content_value().get("m.relates_to").and_then(|r| r.get("event_id")).and_then(|e| e.as_str())
-            {
+            let content = pdu.content_value();
+            if let Some(target) = content.get("m.relates_to").and_then(|r| r.get("event_id")).and_then(|e| e.as_str()) {
                 batch.put(
                     Tree::Relations,
                     key(&[room_id.as_bytes(), target.as_bytes(), &pos.to_be_bytes()]),
                     id.as_bytes().to_vec(),
                 );
+                super::relations::stage_relation(batch, room_id, pdu, &content, pos);
             }
             if let Some(target) = &pdu.redacts_target {
                 self.stage_redaction(batch, rules, target, id)?;
@@ -521,6 +521,7 @@ impl Core {
         if stored.redacted_by.is_some() {
             return Ok(());
         }
+        super::relations::stage_unrelation(batch, &Pdu::from_json(target.to_owned(), &stored.json)?, stored.pos);
         let object = pdu::parse_object(&stored.json)?;
         let redacted = pdu::redacted_object(object, rules, None)?;
         stored.json = serde_json::to_string(&redacted).map_err(|e| Error::Internal(e.to_string()))?;
@@ -1058,7 +1059,7 @@ impl Core {
             return Err(Error::InvalidParam("alias must be on this server".into()));
         }
         if self.store.get(Tree::Aliases, alias.as_bytes())?.is_some() {
-            return Err(Error::RoomInUse("room alias already exists".into()));
+            return Err(Error::Conflict(format!("room alias {alias} already exists")));
         }
         let mut b = Batch::new();
         b.put(Tree::Aliases, alias.as_bytes().to_vec(), room_id.as_bytes().to_vec());

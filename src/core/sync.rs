@@ -78,16 +78,16 @@ const STRIPPED_TYPES: [&str; 7] = [
 ];
 
 impl Core {
-    /// A stored event in client format, as `viewer` (on `device`) sees it.
+    /// A stored event in client format, as `viewer` (a user on a device) sees it.
     pub fn client_event_for(
         &self,
-        device: Option<&DeviceId>,
+        viewer: Option<(&UserId, &DeviceId)>,
         pdu: &Pdu,
         stored: &StoredPdu,
         with_room_id: bool,
     ) -> Result<JsonValue> {
         let mut unsigned = Map::new();
-        if let (Some(d), Some((sd, txn))) = (device, &stored.txn) {
+        if let (Some((_, d)), Some((sd, txn))) = (viewer, &stored.txn) {
             if d.as_str() == sd {
                 unsigned.insert("transaction_id".into(), json!(txn));
             }
@@ -106,6 +106,9 @@ impl Core {
                     unsigned.insert("replaces_state".into(), json!(prev_id));
                 }
             }
+        }
+        if let Some(r) = self.bundled_relations(viewer, pdu, stored, with_room_id)? {
+            unsigned.insert("m.relations".into(), r);
         }
         Ok(client_event(pdu, self.now_ms(), unsigned, with_room_id))
     }
@@ -162,13 +165,17 @@ impl Core {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.subscribe();
         loop {
+            self.expire_typing().await?;
             let upto = *rx.borrow_and_update();
             let (resp, has_content) = self.sync_once(user, device, &req, upto)?;
             if has_content || req.since.is_none() || req.full_state || tokio::time::Instant::now() >= deadline {
                 return Ok(resp);
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            // Also wake when a typing notification times out (that is a change to report).
+            let wake = self.typing_wake_at(deadline);
+            match tokio::time::timeout_at(wake, rx.changed()).await {
                 Ok(Ok(())) => continue,
+                Err(_) if wake < deadline => continue,
                 // Timed out (or the core is shutting down): answer with nothing new.
                 _ => return Ok(resp),
             }
@@ -218,7 +225,7 @@ impl Core {
                     let prev_batch = events.last().map(|(_, s)| s.pos.saturating_sub(1)).unwrap_or(since);
                     let mut tl = Vec::new();
                     for (p, s) in events.iter().rev() {
-                        tl.push(self.client_event_for(Some(device), p, s, false)?);
+                        tl.push(self.client_event_for(Some((user, device)), p, s, false)?);
                     }
                     leave.insert(
                         room.to_string(),
@@ -233,6 +240,9 @@ impl Core {
             }
         }
         let mut global = Vec::new();
+        if !is_excluded(&req.filter.account_data.types, &req.filter.account_data.not_types, Some("m.push_rules")) {
+            global.extend(self.default_push_rules_event(user, req.since)?);
+        }
         if !is_excluded(&req.filter.account_data.types, &req.filter.account_data.not_types, None) {
             for (kind, e) in self.account_data_since(user, None, since)? {
                 if e.pos <= upto
@@ -287,7 +297,7 @@ impl Core {
                 if !filter::matches(&rf.state, &p) {
                     continue;
                 }
-                state_events.push(self.client_event_for(Some(device), &p, &s, false)?);
+                state_events.push(self.client_event_for(Some((user, device)), &p, &s, false)?);
             }
         }
         let mut account_data = Vec::new();
@@ -296,12 +306,13 @@ impl Core {
                 account_data.push(json!({"type": kind, "content": e.content}));
             }
         }
-        if !newly && events.is_empty() && state_events.is_empty() && account_data.is_empty() {
+        let ephemeral = self.room_ephemeral(user, room, from, upto, newly, &rf.ephemeral)?;
+        if !newly && events.is_empty() && state_events.is_empty() && account_data.is_empty() && ephemeral.is_empty() {
             return Ok(None);
         }
         let mut tl = Vec::with_capacity(events.len());
         for (p, s) in events.iter().rev() {
-            tl.push(self.client_event_for(Some(device), p, s, false)?);
+            tl.push(self.client_event_for(Some((user, device)), p, s, false)?);
         }
         let prev_batch = events.last().map(|(_, s)| s.pos.saturating_sub(1)).unwrap_or(upto);
         let membership_changed = newly || events.iter().any(|(p, _)| p.kind.to_string() == "m.room.member");
@@ -309,9 +320,11 @@ impl Core {
             "timeline": {"events": tl, "limited": limited, "prev_batch": token(prev_batch)},
             "state": {"events": state_events},
             "account_data": {"events": account_data},
-            "ephemeral": {"events": []},
+            "ephemeral": {"events": ephemeral},
             "unread_notifications": {},
         });
+        let threaded = rf.timeline.unread_thread_notifications;
+        self.room_unread(user, room, upto, threaded)?.fill(&mut room_json, threaded);
         if membership_changed {
             room_json["summary"] = self.room_summary(room, user)?;
         }
@@ -396,7 +409,7 @@ impl Core {
         let mut senders = BTreeSet::new();
         for (p, s) in &events {
             senders.insert(p.sender.clone());
-            chunk.push(self.client_event_for(Some(device), p, s, true)?);
+            chunk.push(self.client_event_for(Some((user, device)), p, s, true)?);
         }
         let mut state = Vec::new();
         if !f.lazy_load_options.is_disabled() {
@@ -404,7 +417,7 @@ impl Core {
             for u in senders {
                 if let Some(id) = current.get(&("m.room.member".to_owned(), u.to_string())) {
                     if let Some((p, s)) = self.load(id)? {
-                        state.push(self.client_event_for(Some(device), &p, &s, true)?);
+                        state.push(self.client_event_for(Some((user, device)), &p, &s, true)?);
                     }
                 }
             }
@@ -449,7 +462,7 @@ impl Core {
         if p.room != room || !self.can_see_event(user, &p, &s)? {
             return Err(Error::NotFound("event not found".into()));
         }
-        self.client_event_for(Some(device), &p, &s, true)
+        self.client_event_for(Some((user, device)), &p, &s, true)
     }
 
     /// `/context`: the event, `limit/2` events before and after, and the state at the event.
@@ -473,11 +486,11 @@ impl Core {
         let after: Vec<_> = after_all.into_iter().rev().take(after_n).collect();
         let mut eb = Vec::new();
         for (p, st) in &before {
-            eb.push(self.client_event_for(Some(device), p, st, true)?);
+            eb.push(self.client_event_for(Some((user, device)), p, st, true)?);
         }
         let mut ea = Vec::new();
         for (p, st) in &after {
-            ea.push(self.client_event_for(Some(device), p, st, true)?);
+            ea.push(self.client_event_for(Some((user, device)), p, st, true)?);
         }
         let start = before.last().map(|(_, st)| st.pos.saturating_sub(1)).unwrap_or(s.pos.saturating_sub(1));
         let end = after.last().map(|(_, st)| st.pos).unwrap_or(s.pos);
@@ -485,7 +498,7 @@ impl Core {
         let mut state = Vec::new();
         for sid in state_map.values() {
             if let Some((p, st)) = self.load(sid)? {
-                state.push(self.client_event_for(Some(device), &p, &st, true)?);
+                state.push(self.client_event_for(Some((user, device)), &p, &st, true)?);
             }
         }
         Ok(json!({

@@ -81,6 +81,25 @@ pub enum Tree {
     FedTxns,
     /// `user_id 0xff room_id → PendingInvite`: invites to rooms this node is not in.
     Invites,
+    /// `media_id → MediaRecord` (local media: type, name, size, content hash, uploader).
+    Media,
+    /// `user_id 0xff media_id → expires_ms(be u64)`: `mxc://` URIs reserved with
+    /// `/media/v1/create` and not yet uploaded.
+    MediaPending,
+    /// `room_id 0xff user_id 0xff receipt_type 0xff thread_id-or-empty → ReceiptRecord`: each
+    /// user's latest receipt per type and thread.
+    Receipts,
+    /// `room_id 0xff stream_pos(be u64) → Receipts key`: receipts in the order they changed.
+    ReceiptsByPos,
+    /// `user_id → PresenceRecord`.
+    Presence,
+    /// `user_id 0xff app_id 0xff pushkey → pusher JSON`.
+    Pushers,
+    /// `room_id 0xff target_event_id 0xff rel_type 0xff pos(be u64) → RelationEntry`: live
+    /// (unredacted) relations by type, for bundled aggregations and `/relations`.
+    RelationsByType,
+    /// `room_id 0xff thread_root_id → pos(be u64)` of the latest reply when it was written.
+    ThreadRoots,
 }
 
 impl Tree {
@@ -107,6 +126,14 @@ impl Tree {
             Tree::FedQueue => 80,
             Tree::FedTxns => 81,
             Tree::Invites => 82,
+            Tree::Media => 60,
+            Tree::MediaPending => 61,
+            Tree::Receipts => 40,
+            Tree::ReceiptsByPos => 41,
+            Tree::Presence => 42,
+            Tree::Pushers => 43,
+            Tree::RelationsByType => 44,
+            Tree::ThreadRoots => 45,
         }
     }
 }

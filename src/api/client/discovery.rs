@@ -35,3 +35,19 @@ pub async fn get_capabilities_route(
         }
     })))
 }
+
+/// # `GET /.well-known/matrix/client`
+///
+/// Points clients at the address they reached us on: a node serves its clients itself, with
+/// no reverse proxy or other host in front (plain HTTP, on loopback by default).
+pub async fn discover_homeserver_route(
+    headers: axum::http::HeaderMap,
+    _body: Ruma<ruma::api::client::discovery::discover_homeserver::Request>,
+) -> ApiResult<Json<Value>> {
+    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    let host = host.filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'@'));
+    let Some(host) = host else {
+        return Err(crate::core::Error::NotFound("no Host header to derive the base URL from".into()).into());
+    };
+    Ok(Json(json!({"m.homeserver": {"base_url": format!("http://{host}")}})))
+}

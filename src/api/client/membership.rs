@@ -172,7 +172,7 @@ pub async fn get_member_events_route(
             continue;
         }
         if let Some(stored) = s.core.stored_pdu(&pdu.event_id)? {
-            chunk.push(s.core.client_event_for(Some(device), &pdu, &stored, true)?);
+            chunk.push(s.core.client_event_for(Some((user, device)), &pdu, &stored, true)?);
         }
     }
     Ok(Json(json!({"chunk": chunk})))

@@ -6,14 +6,27 @@ pub mod alias;
 pub mod directory;
 pub mod discovery;
 pub mod filter;
+pub mod media;
 pub mod membership;
 pub mod message;
+pub mod presence;
 pub mod profile;
+pub mod push;
+pub mod read_marker;
+pub mod receipt;
 pub mod redact;
+pub mod relations;
 pub mod room;
+pub mod search;
 pub mod session;
 pub mod state;
 pub mod sync;
+pub mod thirdparty;
+pub mod voip;
+pub mod tag;
+pub mod threads;
+pub mod typing;
+pub mod user_directory;
 
 use axum::Router;
 
@@ -23,6 +36,10 @@ use crate::ruma_route;
 /// Add every client-server route to `r`.
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
     use ruma::api::client as c;
+    let r = media::routes(r);
+    let r = ruma_route!(r, c::discovery::discover_homeserver::Request, discovery::discover_homeserver_route);
+    let r = ruma_route!(r, c::thirdparty::get_protocols::v3::Request, thirdparty::get_protocols_route);
+    let r = voip::routes(r);
     let r = ruma_route!(r, c::discovery::get_supported_versions::Request, discovery::get_supported_versions_route);
     let r = ruma_route!(r, c::discovery::get_capabilities::v3::Request, discovery::get_capabilities_route);
     let r = ruma_route!(r, c::account::register::v3::Request, session::register_route);
@@ -80,5 +97,46 @@ pub fn routes(r: Router<AppState>) -> Router<AppState> {
     let r =
         ruma_route!(r, c::config::get_global_account_data::v3::Request, account_data::get_global_account_data_route);
     let r = ruma_route!(r, c::config::set_room_account_data::v3::Request, account_data::set_room_account_data_route);
-    ruma_route!(r, c::config::get_room_account_data::v3::Request, account_data::get_room_account_data_route)
+    let r = ruma_route!(r, c::config::get_room_account_data::v3::Request, account_data::get_room_account_data_route);
+    ephemeral_routes(r)
+}
+
+/// Typing, receipts, read markers, tags, presence, user directory, push, relations, threads,
+/// search.
+fn ephemeral_routes(r: Router<AppState>) -> Router<AppState> {
+    use ruma::api::client as c;
+    let r = ruma_route!(r, c::typing::create_typing_event::v3::Request, typing::create_typing_event_route);
+    let r = ruma_route!(r, c::receipt::create_receipt::v3::Request, receipt::create_receipt_route);
+    let r = ruma_route!(r, c::read_marker::set_read_marker::v3::Request, read_marker::set_read_marker_route);
+    let r = ruma_route!(r, c::tag::get_tags::v3::Request, tag::get_tags_route);
+    let r = ruma_route!(r, c::tag::create_tag::v3::Request, tag::create_tag_route);
+    let r = ruma_route!(r, c::tag::delete_tag::v3::Request, tag::delete_tag_route);
+    let r = ruma_route!(r, c::presence::get_presence::v3::Request, presence::get_presence_route);
+    let r = ruma_route!(r, c::presence::set_presence::v3::Request, presence::set_presence_route);
+    let r = ruma_route!(r, c::user_directory::search_users::v3::Request, user_directory::search_users_route);
+    let r = ruma_route!(r, c::push::get_pushrules_all::v3::Request, push::get_pushrules_all_route);
+    let r = ruma_route!(r, c::push::get_pushrules_global_scope::v3::Request, push::get_pushrules_global_scope_route);
+    let r = ruma_route!(r, c::push::get_pushrule::v3::Request, push::get_pushrule_route);
+    let r = ruma_route!(r, c::push::set_pushrule::v3::Request, push::set_pushrule_route);
+    let r = ruma_route!(r, c::push::delete_pushrule::v3::Request, push::delete_pushrule_route);
+    let r = ruma_route!(r, c::push::get_pushrule_enabled::v3::Request, push::get_pushrule_enabled_route);
+    let r = ruma_route!(r, c::push::set_pushrule_enabled::v3::Request, push::set_pushrule_enabled_route);
+    let r = ruma_route!(r, c::push::get_pushrule_actions::v3::Request, push::get_pushrule_actions_route);
+    let r = ruma_route!(r, c::push::set_pushrule_actions::v3::Request, push::set_pushrule_actions_route);
+    let r = ruma_route!(r, c::push::get_notifications::v3::Request, push::get_notifications_route);
+    let r = ruma_route!(r, c::push::get_pushers::v3::Request, push::get_pushers_route);
+    let r = ruma_route!(r, c::push::set_pusher::v3::Request, push::set_pusher_route);
+    let r = ruma_route!(r, c::relations::get_relating_events::v1::Request, relations::get_relating_events_route);
+    let r = ruma_route!(
+        r,
+        c::relations::get_relating_events_with_rel_type::v1::Request,
+        relations::get_relating_events_with_rel_type_route
+    );
+    let r = ruma_route!(
+        r,
+        c::relations::get_relating_events_with_rel_type_and_event_type::v1::Request,
+        relations::get_relating_events_with_rel_type_and_event_type_route
+    );
+    let r = ruma_route!(r, c::threads::get_threads::v1::Request, threads::get_threads_route);
+    ruma_route!(r, c::search::search_events::v3::Request, search::search_events_route)
 }

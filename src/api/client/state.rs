@@ -21,7 +21,7 @@ pub async fn get_state_events_route(
     let mut out = Vec::new();
     for id in state.values() {
         if let (Some(p), Some(st)) = (s.core.pdu(id)?, s.core.stored_pdu(id)?) {
-            out.push(s.core.client_event_for(Some(device), &p, &st, true)?);
+            out.push(s.core.client_event_for(Some((user, device)), &p, &st, true)?);
         }
     }
     Ok(Json(Value::Array(out)))
@@ -68,7 +68,7 @@ pub async fn get_state_event_for_key_route(
         || matches!(body.body.format, get_state_event_for_key::v3::StateEventFormat::Event);
     if format_event {
         let st = s.core.stored_pdu(id)?.ok_or_else(|| Error::NotFound("no such state event".into()))?;
-        return Ok(Json(s.core.client_event_for(Some(device), &p, &st, true)?));
+        return Ok(Json(s.core.client_event_for(Some((user, device)), &p, &st, true)?));
     }
     Ok(Json(p.content_value()))
 }
