@@ -11,6 +11,7 @@ async fn node(net: &Arc<LocalNetwork>) -> (server::Node, tempfile::TempDir) {
     let mut config = Config::default();
     config.data_dir = dir.path().to_path_buf();
     config.client_addr = "127.0.0.1:0".parse().unwrap();
+    config.mesh.enabled = false; // the in-process network carries federation here
     let n = server::start(config).await.unwrap();
     net.attach(n.core.server_name(), n.federation.clone());
     n.core.set_transport(net.transport(n.core.server_name()));

@@ -264,6 +264,7 @@ async fn run_swarm(
     me: PeerId,
 ) {
     let mut waiting: BTreeMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> = BTreeMap::new();
+    let mut conns: BTreeMap<PeerId, libp2p::swarm::ConnectionId> = BTreeMap::new();
     // Re-dial known peers that dropped, at most every 10 s (an idle mesh stays quiet).
     let mut redial = tokio::time::interval(Duration::from_secs(10));
     redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -322,7 +323,14 @@ async fn run_swarm(
                         advertise(d, me, &lock(&listen_addrs));
                     }
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                    // Keep only the newest connection to a peer: an older one may be a corpse
+                    // (the peer restarted) that would swallow streams until it times out.
+                    if let Some(old) = conns.insert(peer_id, connection_id) {
+                        if old != connection_id {
+                            swarm.close_connection(old);
+                        }
+                    }
                     let server = server_of_peer_id(&peer_id);
                     {
                         let mut ps = lock(&peers);
@@ -337,14 +345,23 @@ async fn run_swarm(
                     for r in waiting.remove(&peer_id).unwrap_or_default() {
                         let _ = r.send(Ok(()));
                     }
-                    if num_established.get() == 1 {
-                        tracing::info!(peer = %peer_id, server = ?server, address = %endpoint.get_remote_address(), "peer connected");
-                        if let Some(s) = server {
-                            core.peer_up(&s);
-                        }
+                    tracing::info!(
+                        peer = %peer_id, server = ?server, address = %endpoint.get_remote_address(),
+                        connections = num_established.get(), "peer connected"
+                    );
+                    // Every new connection counts: a peer that restarted may reconnect before
+                    // the old connection has timed out here.
+                    if let Some(s) = server {
+                        core.peer_up(&s);
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                    if conns.get(&peer_id) == Some(&connection_id) {
+                        conns.remove(&peer_id);
+                    }
+                    if num_established > 0 {
+                        continue;
+                    }
                     if let Some(e) = lock(&peers).get_mut(&peer_id) {
                         e.connected = false;
                         e.last_seen_ms = now_ms();
