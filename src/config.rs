@@ -106,6 +106,17 @@ pub struct Limits {
     pub pushers_per_user_max: usize,
     /// Most results of one `/user_directory/search`. Default 50.
     pub user_directory_limit_max: usize,
+    /// To-device messages waiting per device. When a device's inbox is full, the oldest waiting
+    /// message is dropped (and a warning logged) to make room for the new one: a device away that
+    /// long recovers missing room keys from key backup or by asking its other devices.
+    /// Default 1000.
+    pub to_device_inbox_max: usize,
+    /// To-device messages delivered in one `/sync` response; the rest follow in the next ones.
+    /// Default 100.
+    pub to_device_per_sync_max: usize,
+    /// One-time keys stored per device; an upload that would exceed it is refused with 400
+    /// `M_INVALID_PARAM` (clients keep about 50). Default 200.
+    pub one_time_keys_per_device_max: usize,
 }
 
 impl Default for Config {
@@ -141,6 +152,9 @@ impl Default for Limits {
             relations_scan_max: 1000,
             pushers_per_user_max: 32,
             user_directory_limit_max: 50,
+            to_device_inbox_max: 1000,
+            to_device_per_sync_max: 100,
+            one_time_keys_per_device_max: 200,
         }
     }
 }
@@ -212,6 +226,11 @@ impl Config {
                 "limits.timeline_limit_default ({}) must be 1 to timeline_limit_max ({})",
                 l.timeline_limit_default, l.timeline_limit_max
             )));
+        }
+        if l.to_device_inbox_max == 0 || l.to_device_per_sync_max == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.to_device_inbox_max and to_device_per_sync_max must be > 0".into(),
+            ));
         }
         if l.max_concurrent_requests == 0 {
             return Err(ConfigError::Invalid("limits.max_concurrent_requests must be > 0".into()));

@@ -11,7 +11,10 @@
 //!   `pdu.rs` (build/hash/sign/redact PDUs via ruma), `rooms.rs` (create, append with auth
 //!   checks, membership), `state.rs` (state groups, auth chains, state resolution),
 //!   `sync.rs` (sync, messages, context), `users.rs` (accounts, devices, profiles, account
-//!   data, filters), `filter.rs`, `status.rs`, `media.rs` (media metadata, reservations).
+//!   data, filters), `devices.rs` (device list/rename/delete, last seen), `e2ee.rs` (device
+//!   and one-time keys, cross-signing, device-list changes, to-device inboxes), `backup.rs`
+//!   (server-side key backup), `filter.rs`, `status.rs`, `media.rs` (media metadata,
+//!   reservations).
 //! - `media/` — media bytes behind the `MediaStore` trait (files under `<data-dir>/media`, or
 //!   memory), upload streaming, thumbnails (`thumbnail.rs`, with the `image` crate).
 //!   data, filters), `filter.rs`, `status.rs`; per-user and ephemeral data: `typing.rs`,
@@ -19,9 +22,10 @@
 //!   rules, pushers, unread counts), `relations.rs` (relation index, bundled aggregations,
 //!   `/relations`, `/threads`), `search.rs`, `tags.rs`, `presence.rs`, `user_directory.rs`.
 //! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
-//!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`), `server.rs`
-//!   (server keys), `outpost.rs` (`/_outpost/v1` status and PDU inspection), `middleware.rs`
-//!   (CORS on every response, the request log).
+//!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`; `uiaa.rs` is the
+//!   password stage of user-interactive auth), `server.rs` (server keys), `outpost.rs`
+//!   (`/_outpost/v1` status and PDU inspection), `middleware.rs` (CORS on every response, the
+//!   request log).
 
 #![warn(missing_docs)]
 

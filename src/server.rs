@@ -120,6 +120,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         relations_scan_max: config.limits.relations_scan_max,
         pushers_per_user_max: config.limits.pushers_per_user_max,
         user_directory_limit_max: config.limits.user_directory_limit_max,
+        to_device_inbox_max: config.limits.to_device_inbox_max,
+        to_device_per_sync_max: config.limits.to_device_per_sync_max,
+        one_time_keys_per_device_max: config.limits.one_time_keys_per_device_max,
+        txn_ids_per_device_max: config.limits.txn_ids_per_device_max,
     };
     let core = Core::open(store, identity, Arc::new(SystemClock), limits)?;
     core.set_operator_token(operator_token(&dir)?);

@@ -14,7 +14,8 @@ use crate::core::Error;
 pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
-    /// The Matrix `errcode`.
+    /// The Matrix `errcode`; empty for a bare user-interactive-auth challenge (no
+    /// `errcode`/`error` in the body).
     pub errcode: &'static str,
     /// Human-readable text.
     pub message: String,
@@ -57,6 +58,7 @@ impl From<Error> for ApiError {
             Error::LimitExceeded(_) => (S::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
             Error::NotYetUploaded(_) => (S::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED"),
             Error::CannotOverwriteMedia(_) => (S::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA"),
+            Error::WrongRoomKeysVersion(_) => (S::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION"),
             Error::Store(_) | Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         };
         if status == S::INTERNAL_SERVER_ERROR {
@@ -66,6 +68,9 @@ impl From<Error> for ApiError {
         if matches!(e, Error::UnknownToken) {
             err.extra = Some(serde_json::Map::from_iter([("soft_logout".into(), json!(false))]));
         }
+        if let Error::WrongRoomKeysVersion(Some(v)) = &e {
+            err.extra = Some(serde_json::Map::from_iter([("current_version".into(), json!(v))]));
+        }
         err
     }
 }
@@ -73,8 +78,11 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = self.extra.unwrap_or_default();
-        body.insert("errcode".into(), json!(self.errcode));
-        body.insert("error".into(), json!(self.message));
+        // An empty errcode is a bare user-interactive-auth challenge (flows and session only).
+        if !self.errcode.is_empty() {
+            body.insert("errcode".into(), json!(self.errcode));
+            body.insert("error".into(), json!(self.message));
+        }
         let mut res = (self.status, Json(serde_json::Value::Object(body))).into_response();
         res.extensions_mut().insert(super::middleware::ErrCode(self.errcode));
         res

@@ -68,10 +68,7 @@ pub fn access_token(parts: &axum::http::request::Parts) -> Option<String> {
             return Some(t.trim().to_owned());
         }
     }
-    parts
-        .uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|t| percent_decode(t)))
+    parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(percent_decode))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -79,7 +76,7 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 + 1 {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
             if let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
                 out.push(b);
                 i += 3;
@@ -97,14 +94,7 @@ fn from_http_error(e: FromHttpRequestError) -> ApiError {
         FromHttpRequestError::MethodMismatch { .. } => {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Unrecognized request")
         }
-        other => {
-            let msg = other.to_string();
-            if msg.contains("missing field") {
-                Error::BadJson(msg).into()
-            } else {
-                Error::BadJson(msg).into()
-            }
-        }
+        other => Error::BadJson(other.to_string()).into(),
     }
 }
 
@@ -135,6 +125,10 @@ where
         let (user, device) = match access_token(&parts) {
             Some(t) if required || optional => {
                 let (u, d) = state.core.authenticate(&t)?;
+                // Last-seen time for `/devices` (written at most once a minute per device).
+                if let Err(e) = state.core.touch_device(&u, &d).await {
+                    tracing::warn!(error = %e, "could not record device last-seen time");
+                }
                 (Some(u), Some(d))
             }
             None if required => return Err(Error::MissingToken.into()),

@@ -22,19 +22,19 @@ pub fn matches(f: &RoomEventFilter, pdu: &Pdu) -> bool {
             return false;
         }
     }
-    if f.not_senders.iter().any(|s| *s == pdu.sender) {
+    if f.not_senders.contains(&pdu.sender) {
         return false;
     }
     if let Some(senders) = &f.senders {
-        if !senders.iter().any(|s| *s == pdu.sender) {
+        if !senders.contains(&pdu.sender) {
             return false;
         }
     }
-    if f.not_rooms.iter().any(|r| *r == pdu.room) {
+    if f.not_rooms.contains(&pdu.room) {
         return false;
     }
     if let Some(rooms) = &f.rooms {
-        if !rooms.iter().any(|r| *r == pdu.room) {
+        if !rooms.contains(&pdu.room) {
             return false;
         }
     }

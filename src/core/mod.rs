@@ -9,6 +9,9 @@
 //! stream position, which wakes long-polling syncs. Read paths never block on writers.
 
 pub mod federation;
+pub mod backup;
+pub mod devices;
+pub mod e2ee;
 pub mod filter;
 pub mod media;
 pub mod pdu;
@@ -104,6 +107,10 @@ pub enum Error {
     /// `M_CANNOT_OVERWRITE_MEDIA` (409): content was already uploaded to this media id.
     #[error("{0}")]
     CannotOverwriteMedia(String),
+    /// `M_WRONG_ROOM_KEYS_VERSION` (403): a key-backup write to a version that is not the
+    /// current one; carries the current version, if any.
+    #[error("wrong backup version; the current version is {0:?}")]
+    WrongRoomKeysVersion(Option<String>),
     /// Storage failure (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -138,6 +145,14 @@ pub struct Limits {
     pub pushers_per_user_max: usize,
     /// Most results of one user-directory search.
     pub user_directory_limit_max: usize,
+    /// To-device messages waiting per device; the oldest is dropped when full.
+    pub to_device_inbox_max: usize,
+    /// To-device messages per `/sync` response.
+    pub to_device_per_sync_max: usize,
+    /// One-time keys stored per device.
+    pub one_time_keys_per_device_max: usize,
+    /// `sendToDevice` transaction ids remembered per device.
+    pub txn_ids_per_device_max: usize,
 }
 
 impl Default for Limits {
@@ -153,6 +168,10 @@ impl Default for Limits {
             relations_scan_max: 1000,
             pushers_per_user_max: 32,
             user_directory_limit_max: 50,
+            to_device_inbox_max: 1000,
+            to_device_per_sync_max: 100,
+            one_time_keys_per_device_max: 200,
+            txn_ids_per_device_max: 1000,
         }
     }
 }

@@ -1049,7 +1049,7 @@ impl Core {
     pub fn resolve_alias(&self, alias: &ruma::RoomAliasId) -> Result<Option<OwnedRoomId>> {
         match self.store.get(Tree::Aliases, alias.as_bytes())? {
             None => Ok(None),
-            Some(v) => Ok(RoomId::parse(String::from_utf8_lossy(&v).into_owned()).ok()),
+            Some(v) => Ok(RoomId::parse(String::from_utf8_lossy(&v)).ok()),
         }
     }
 
@@ -1098,7 +1098,7 @@ impl Core {
             .store
             .scan_prefix(Tree::Directory, b"", usize::MAX)?
             .into_iter()
-            .filter_map(|(k, _)| RoomId::parse(String::from_utf8_lossy(&k).into_owned()).ok())
+            .filter_map(|(k, _)| RoomId::parse(String::from_utf8_lossy(&k)).ok())
             .collect())
     }
 

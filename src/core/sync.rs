@@ -141,8 +141,7 @@ impl Core {
                 return Ok((out, false));
             }
             for (k, v) in &chunk {
-                let id = EventId::parse(String::from_utf8_lossy(v).into_owned())
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let id = EventId::parse(String::from_utf8_lossy(v)).map_err(|e| Error::Internal(e.to_string()))?;
                 let Some((pdu, stored)) = self.load(&id)? else { continue };
                 if !filter::matches(f, &pdu) || !self.can_see_event(user, &pdu, &stored)? {
                     continue;
@@ -164,6 +163,10 @@ impl Core {
         let timeout = Duration::from_millis(req.timeout_ms.min(self.limits.sync_timeout_ms_max));
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.subscribe();
+        if let Some(since) = req.since {
+            // The client has seen everything up to `since`: drop the to-device messages it got.
+            self.ack_to_device(user, device, since).await?;
+        }
         loop {
             self.expire_typing().await?;
             let upto = *rx.borrow_and_update();
@@ -184,6 +187,9 @@ impl Core {
 
     fn sync_once(&self, user: &UserId, device: &DeviceId, req: &SyncRequest, upto: u64) -> Result<(JsonValue, bool)> {
         let since = req.since.unwrap_or(0);
+        // To-device, device lists, key counts (e2ee.rs); may lower `upto` for the whole response.
+        let e2ee = self.sync_e2ee(user, device, req.since, upto)?;
+        let upto = e2ee.upto;
         let rf = &req.filter.room;
         let tl_limit = rf
             .timeline
@@ -202,13 +208,7 @@ impl Core {
             match ur.membership.as_str() {
                 "join" => {
                     let newly = changed_membership || req.full_state;
-                    let from = if newly && req.since.is_none() {
-                        0
-                    } else if changed_membership {
-                        0
-                    } else {
-                        since
-                    };
+                    let from = if changed_membership { 0 } else { since };
                     if let Some(r) = self.sync_room(user, device, &room, from, upto, newly, tl_limit, req)? {
                         join.insert(room.to_string(), r);
                     }
@@ -252,8 +252,9 @@ impl Core {
                 }
             }
         }
-        let has_content = !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global.is_empty();
-        let resp = json!({
+        let has_content =
+            !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global.is_empty() || e2ee.has_content();
+        let mut resp = json!({
             "next_batch": token(upto),
             "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
             "account_data": {"events": global},
@@ -262,6 +263,7 @@ impl Core {
             "device_lists": {"changed": [], "left": []},
             "device_one_time_keys_count": {},
         });
+        e2ee.fill(&mut resp);
         Ok((resp, has_content))
     }
 
@@ -422,12 +424,7 @@ impl Core {
                 }
             }
         }
-        Ok(MessagesPage {
-            chunk,
-            start,
-            end: if more || dir == Direction::Backward && !events.is_empty() && more { end } else { None },
-            state,
-        })
+        Ok(MessagesPage { chunk, start, end: if more { end } else { None }, state })
     }
 
     /// Fail unless `user` is or was in `room` (so it may read some of its history).

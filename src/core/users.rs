@@ -132,7 +132,9 @@ impl Core {
         let token = format!("opt_{}", random_string(32));
         let dk = key(&[user.as_bytes(), device.as_bytes()]);
         let mut b = Batch::new();
-        let mut rec: DeviceRecord = self.get_json(Tree::Devices, &dk)?.unwrap_or_default();
+        let existing: Option<DeviceRecord> = self.get_json(Tree::Devices, &dk)?;
+        let is_new = existing.is_none();
+        let mut rec = existing.unwrap_or_default();
         if !rec.access_token.is_empty() {
             b.delete(Tree::Tokens, rec.access_token.as_bytes().to_vec());
         }
@@ -143,7 +145,8 @@ impl Core {
         }
         b.put(Tree::Devices, dk, to_json(&rec));
         b.put(Tree::Tokens, token.as_bytes().to_vec(), to_json(&(user, &device)));
-        self.commit(b, |_, _, _| Ok(())).await?;
+        // A new device is a device-list change others must hear about (e2ee.rs).
+        self.commit(b, |b, pos, _| if is_new { self.stage_device_list_change(b, user, pos()) } else { Ok(()) }).await?;
         Ok((device, token))
     }
 
@@ -164,26 +167,19 @@ impl Core {
         Ok(out)
     }
 
-    /// Delete a device and invalidate its token (logout).
+    /// Delete a device (logout): its token stops working, its keys, one-time keys and
+    /// to-device inbox are deleted (see `devices.rs`).
     pub async fn delete_device(&self, user: &UserId, device: &DeviceId) -> Result<()> {
-        let dk = key(&[user.as_bytes(), device.as_bytes()]);
-        let Some(rec): Option<DeviceRecord> = self.get_json(Tree::Devices, &dk)? else {
-            return Err(Error::NotFound("unknown device".into()));
-        };
-        let mut b = Batch::new();
-        b.delete(Tree::Tokens, rec.access_token.as_bytes().to_vec());
-        b.delete(Tree::Devices, dk);
-        self.commit(b, |_, _, _| Ok(())).await
+        match self.remove_devices(user, &[device.to_owned()]).await? {
+            0 => Err(Error::NotFound("unknown device".into())),
+            _ => Ok(()),
+        }
     }
 
     /// Delete every device of a user (logout/all).
     pub async fn delete_all_devices(&self, user: &UserId) -> Result<()> {
-        let mut b = Batch::new();
-        for (d, rec) in self.devices(user)? {
-            b.delete(Tree::Tokens, rec.access_token.as_bytes().to_vec());
-            b.delete(Tree::Devices, key(&[user.as_bytes(), d.as_bytes()]));
-        }
-        self.commit(b, |_, _, _| Ok(())).await
+        let all: Vec<OwnedDeviceId> = self.devices(user)?.into_iter().map(|(d, _)| d).collect();
+        self.remove_devices(user, &all).await.map(|_| ())
     }
 
     /// A user's profile (local users only; empty for unknown ones).

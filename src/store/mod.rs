@@ -81,6 +81,31 @@ pub enum Tree {
     FedTxns,
     /// `user_id 0xff room_id → PendingInvite`: invites to rooms this node is not in.
     Invites,
+    /// `user_id 0xff device_id → signed device keys JSON` (end-to-end encryption).
+    DeviceKeys,
+    /// `user_id 0xff device_id 0xff algorithm 0xff key_id → one-time key JSON`.
+    OneTimeKeys,
+    /// `user_id 0xff device_id 0xff algorithm → FallbackKey`.
+    FallbackKeys,
+    /// `user_id 0xff usage (master, self_signing, user_signing) → cross-signing key JSON`.
+    CrossSigningKeys,
+    /// `target_user 0xff target_key_id 0xff signer_user 0xff signer_key_id → signature`:
+    /// signatures uploaded with `/keys/signatures/upload`, merged into `/keys/query`.
+    KeySignatures,
+    /// `stream_pos(be u64) user_id → ()`: the latest device-list change of each user.
+    DeviceListStream,
+    /// `user_id → stream_pos(be u64)`: where the user's entry in `DeviceListStream` is.
+    DeviceListPos,
+    /// `user_id 0xff device_id 0xff stream_pos(be u64) → to-device event`: a device's inbox.
+    ToDevice,
+    /// `user_id 0xff device_id 0xff txn_id → stream_pos`: `sendToDevice` transaction ids.
+    ToDeviceTxnIds,
+    /// `user_id 0xff version(be u64) → BackupVersion` (server-side key backup).
+    BackupVersions,
+    /// `user_id 0xff version(be u64) 0xff room_id 0xff session_id → KeyBackupData JSON`.
+    BackupKeys,
+    /// `user_id 0xff device_id → last activity (ms, be u64)`.
+    DeviceLastSeen,
     /// `media_id → MediaRecord` (local media: type, name, size, content hash, uploader).
     Media,
     /// `user_id 0xff media_id → expires_ms(be u64)`: `mxc://` URIs reserved with
@@ -126,6 +151,18 @@ impl Tree {
             Tree::FedQueue => 80,
             Tree::FedTxns => 81,
             Tree::Invites => 82,
+            Tree::DeviceKeys => 20,
+            Tree::OneTimeKeys => 21,
+            Tree::FallbackKeys => 22,
+            Tree::CrossSigningKeys => 23,
+            Tree::KeySignatures => 24,
+            Tree::DeviceListStream => 25,
+            Tree::DeviceListPos => 26,
+            Tree::ToDevice => 27,
+            Tree::ToDeviceTxnIds => 28,
+            Tree::BackupVersions => 29,
+            Tree::BackupKeys => 30,
+            Tree::DeviceLastSeen => 31,
             Tree::Media => 60,
             Tree::MediaPending => 61,
             Tree::Receipts => 40,

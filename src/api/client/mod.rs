@@ -3,9 +3,12 @@
 
 pub mod account_data;
 pub mod alias;
+pub mod backup;
+pub mod device;
 pub mod directory;
 pub mod discovery;
 pub mod filter;
+pub mod keys;
 pub mod media;
 pub mod membership;
 pub mod message;
@@ -21,12 +24,14 @@ pub mod search;
 pub mod session;
 pub mod state;
 pub mod sync;
-pub mod thirdparty;
-pub mod voip;
 pub mod tag;
+pub mod thirdparty;
 pub mod threads;
+pub mod to_device;
 pub mod typing;
+pub mod uiaa;
 pub mod user_directory;
+pub mod voip;
 
 use axum::Router;
 
@@ -98,7 +103,8 @@ pub fn routes(r: Router<AppState>) -> Router<AppState> {
         ruma_route!(r, c::config::get_global_account_data::v3::Request, account_data::get_global_account_data_route);
     let r = ruma_route!(r, c::config::set_room_account_data::v3::Request, account_data::set_room_account_data_route);
     let r = ruma_route!(r, c::config::get_room_account_data::v3::Request, account_data::get_room_account_data_route);
-    ephemeral_routes(r)
+    let r = ephemeral_routes(r);
+    e2ee_routes(r)
 }
 
 /// Typing, receipts, read markers, tags, presence, user directory, push, relations, threads,
@@ -139,4 +145,38 @@ fn ephemeral_routes(r: Router<AppState>) -> Router<AppState> {
     );
     let r = ruma_route!(r, c::threads::get_threads::v1::Request, threads::get_threads_route);
     ruma_route!(r, c::search::search_events::v3::Request, search::search_events_route)
+}
+
+/// End-to-end encryption, devices, to-device messages and key backup.
+fn e2ee_routes(r: Router<AppState>) -> Router<AppState> {
+    use ruma::api::client as c;
+    let r = ruma_route!(r, c::keys::upload_keys::v3::Request, keys::upload_keys_route);
+    let r = ruma_route!(r, c::keys::get_keys::v3::Request, keys::get_keys_route);
+    let r = ruma_route!(r, c::keys::claim_keys::v3::Request, keys::claim_keys_route);
+    let r = ruma_route!(r, c::keys::get_key_changes::v3::Request, keys::get_key_changes_route);
+    let r = ruma_route!(r, c::keys::upload_signing_keys::v3::Request, keys::upload_signing_keys_route);
+    let r = ruma_route!(r, c::keys::upload_signatures::v3::Request, keys::upload_signatures_route);
+    let r = ruma_route!(r, c::to_device::send_event_to_device::v3::Request, to_device::send_event_to_device_route);
+    let r = ruma_route!(r, c::device::get_devices::v3::Request, device::get_devices_route);
+    let r = ruma_route!(r, c::device::get_device::v3::Request, device::get_device_route);
+    let r = ruma_route!(r, c::device::update_device::v3::Request, device::update_device_route);
+    let r = ruma_route!(r, c::device::delete_device::v3::Request, device::delete_device_route);
+    let r = ruma_route!(r, c::device::delete_devices::v3::Request, device::delete_devices_route);
+    let r = ruma_route!(r, c::backup::create_backup_version::v3::Request, backup::create_backup_version_route);
+    let r = ruma_route!(r, c::backup::get_latest_backup_info::v3::Request, backup::get_latest_backup_info_route);
+    let r = ruma_route!(r, c::backup::get_backup_info::v3::Request, backup::get_backup_info_route);
+    let r = ruma_route!(r, c::backup::update_backup_version::v3::Request, backup::update_backup_version_route);
+    let r = ruma_route!(r, c::backup::delete_backup_version::v3::Request, backup::delete_backup_version_route);
+    let r = ruma_route!(r, c::backup::add_backup_keys::v3::Request, backup::add_backup_keys_route);
+    let r = ruma_route!(r, c::backup::add_backup_keys_for_room::v3::Request, backup::add_backup_keys_for_room_route);
+    let r =
+        ruma_route!(r, c::backup::add_backup_keys_for_session::v3::Request, backup::add_backup_keys_for_session_route);
+    let r = ruma_route!(r, c::backup::get_backup_keys::v3::Request, backup::get_backup_keys_route);
+    let r = ruma_route!(r, c::backup::get_backup_keys_for_room::v3::Request, backup::get_backup_keys_for_room_route);
+    let r =
+        ruma_route!(r, c::backup::get_backup_keys_for_session::v3::Request, backup::get_backup_keys_for_session_route);
+    let r = ruma_route!(r, c::backup::delete_backup_keys::v3::Request, backup::delete_backup_keys_route);
+    let r =
+        ruma_route!(r, c::backup::delete_backup_keys_for_room::v3::Request, backup::delete_backup_keys_for_room_route);
+    ruma_route!(r, c::backup::delete_backup_keys_for_session::v3::Request, backup::delete_backup_keys_for_session_route)
 }
