@@ -24,6 +24,39 @@ pub struct Config {
     pub registration_enabled: bool,
     /// Resource limits, the `[limits]` table.
     pub limits: Limits,
+    /// The peer-to-peer mesh, the `[mesh]` table.
+    pub mesh: MeshSettings,
+}
+
+/// The libp2p mesh: where to listen, whom to dial, where to look with mDNS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshSettings {
+    /// Federate over the mesh at all. Default `true`.
+    pub enabled: bool,
+    /// libp2p listen multiaddrs. Default QUIC and TCP on port 8448 on every interface.
+    pub listen: Vec<String>,
+    /// Static peers (multiaddrs, optionally ending in `/p2p/<peer id>`). Default none.
+    pub peers: Vec<String>,
+    /// Advertise and browse with mDNS. Default `true`.
+    pub mdns: bool,
+    /// Interfaces mDNS runs on; empty means every non-loopback interface. Default empty.
+    pub mdns_interfaces: Vec<String>,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            enabled: true,
+            listen: vec![
+                "/ip4/0.0.0.0/udp/8448/quic-v1".to_owned(),
+                "/ip4/0.0.0.0/tcp/8448".to_owned(),
+            ],
+            peers: Vec::new(),
+            mdns: true,
+            mdns_interfaces: Vec::new(),
+        }
+    }
 }
 
 /// Resource limits. Outpost runs on phones and small boards, so everything that grows is bounded.
@@ -94,6 +127,7 @@ impl Default for Config {
             log: "info".to_owned(),
             registration_enabled: true,
             limits: Limits::default(),
+            mesh: MeshSettings::default(),
         }
     }
 }

@@ -34,6 +34,10 @@ enum Command {
     /// Run the homeserver until Ctrl-C or SIGTERM.
     #[command(long_about = LONG_ABOUT)]
     Run(RunArgs),
+    /// Print a running node's status (server name, peer id, uptime, counts) as JSON.
+    Status(QueryArgs),
+    /// Print a running node's mesh peers (address, connection state, round trip, queue depth).
+    Peers(QueryArgs),
 }
 
 /// Arguments of `outpost run`.
@@ -48,6 +52,29 @@ struct RunArgs {
     /// TOML config file with any of the settings below [default: none]
     #[arg(long, value_name = "FILE", env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
+    /// libp2p listen address, repeatable [default: /ip4/0.0.0.0/udp/8448/quic-v1 and /ip4/0.0.0.0/tcp/8448]
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Static peer to dial, repeatable, e.g. /ip4/10.0.0.2/udp/8448/quic-v1/p2p/12D3Koo...
+    #[arg(long, value_name = "MULTIADDR")]
+    peer: Vec<String>,
+    /// Interface for mDNS discovery, repeatable [default: every non-loopback interface]
+    #[arg(long, value_name = "NAME")]
+    mdns_interface: Vec<String>,
+    /// Do not advertise or browse with mDNS (static peers only)
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+/// Arguments of `outpost status` and `outpost peers`.
+#[derive(Args)]
+struct QueryArgs {
+    /// The node's data directory (its operator token is read from there) [default: ./outpost-data]
+    #[arg(long, value_name = "DIR", env = "OUTPOST_DATA_DIR", default_value = "./outpost-data")]
+    data_dir: PathBuf,
+    /// The node's client address [default: 127.0.0.1:8008]
+    #[arg(long, value_name = "IP:PORT", env = "OUTPOST_CLIENT_ADDR", default_value = "127.0.0.1:8008")]
+    client_addr: String,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +84,8 @@ fn main() -> ExitCode {
     let addr_from_cli = run_matches.and_then(|m| m.value_source("client_addr")) == Some(CommandLine);
     match Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()).command {
         Command::Run(args) => run(args, addr_from_cli),
+        Command::Status(q) => query(q, "/_outpost/v1/status"),
+        Command::Peers(q) => query(q, "/_outpost/v1/peers"),
     }
 }
 
@@ -77,6 +106,16 @@ fn run(args: RunArgs, addr_from_cli: bool) -> ExitCode {
         Err(e) => return fail(2, e),
     };
     config.data_dir = args.data_dir.unwrap_or(config.data_dir);
+    if !args.listen.is_empty() {
+        config.mesh.listen = args.listen;
+    }
+    config.mesh.peers.extend(args.peer);
+    if !args.mdns_interface.is_empty() {
+        config.mesh.mdns_interfaces = args.mdns_interface;
+    }
+    if args.no_mdns {
+        config.mesh.mdns = false;
+    }
     if let Some(addr) = args.client_addr {
         let origin = if addr_from_cli { "--client-addr" } else { "environment variable OUTPOST_CLIENT_ADDR" };
         match addr.parse() {
@@ -95,6 +134,51 @@ fn run(args: RunArgs, addr_from_cli: bool) -> ExitCode {
         Ok(Err(e)) => fail(1, e),
         Ok(Ok(())) => ExitCode::SUCCESS,
     }
+}
+
+/// `outpost status` / `outpost peers`: ask the running node over its client address, with
+/// the operator token it keeps in its data directory.
+fn query(q: QueryArgs, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let token_path = q.data_dir.join(outpost::server::OPERATOR_TOKEN_FILE);
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) => t.trim().to_owned(),
+        Err(e) => return fail(1, format!("cannot read {}: {e} (is a node running with this data dir?)", token_path.display())),
+    };
+    let mut stream = match std::net::TcpStream::connect(&q.client_addr) {
+        Ok(s) => s,
+        Err(e) => return fail(1, format!("cannot reach the node at {}: {e}", q.client_addr)),
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n", q.client_addr);
+    let mut resp = String::new();
+    if let Err(e) = stream.write_all(req.as_bytes()).and_then(|_| stream.read_to_string(&mut resp)) {
+        return fail(1, format!("request failed: {e}"));
+    }
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return fail(1, format!("the node answered: {} {}", head.lines().next().unwrap_or(""), body.trim()));
+    }
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),
+        Err(_) => println!("{body}"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// Decode an HTTP/1.1 chunked body.
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` if set and non-empty, else by `config.log`.

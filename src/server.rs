@@ -48,7 +48,17 @@ pub enum StartError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    /// The mesh could not start.
+    #[error("{0}")]
+    Mesh(#[from] crate::net::mesh::MeshError),
+    /// A mesh address in the configuration is not a multiaddr.
+    #[error("invalid multiaddr {0:?}: {1}")]
+    Multiaddr(String, String),
 }
+
+/// File in the data directory holding the operator token (mode 0600), used by
+/// `outpost status` and `outpost peers`.
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
 
 /// A running node.
 pub struct Node {
@@ -56,8 +66,13 @@ pub struct Node {
     pub client_addr: SocketAddr,
     /// The protocol core.
     pub core: Arc<Core>,
+    /// The federation router, for transports that deliver requests to this node.
+    pub federation: axum::Router,
+    /// The libp2p mesh, when enabled.
+    pub mesh: Option<crate::net::mesh::Mesh>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), std::io::Error>>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -70,6 +85,10 @@ impl Node {
     pub async fn stop(mut self) -> Result<(), StartError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        let _ = self.stop_tx.send(true);
+        if let Some(m) = self.mesh.take() {
+            m.stop();
         }
         if let Some(task) = self.task.take() {
             match task.await {
@@ -107,6 +126,20 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         txn_ids_per_device_max: config.limits.txn_ids_per_device_max,
     };
     let core = Core::open(store, identity, Arc::new(SystemClock), limits)?;
+    core.set_operator_token(operator_token(&dir)?);
+    let mesh_config = if config.mesh.enabled {
+        let parse = |v: &[String]| -> Result<Vec<libp2p::Multiaddr>, StartError> {
+            v.iter().map(|a| a.parse().map_err(|e: libp2p::multiaddr::Error| StartError::Multiaddr(a.clone(), e.to_string()))).collect()
+        };
+        Some(crate::net::mesh::MeshConfig {
+            listen: parse(&config.mesh.listen)?,
+            peers: parse(&config.mesh.peers)?,
+            mdns: config.mesh.mdns,
+            mdns_interfaces: config.mesh.mdns_interfaces.clone(),
+        })
+    } else {
+        None
+    };
     let listener = TcpListener::bind(config.client_addr)
         .await
         .map_err(|source| StartError::Bind { addr: config.client_addr, source })?;
@@ -122,8 +155,25 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
             pending_uploads_per_user_max: config.limits.pending_uploads_per_user_max,
         },
     );
-    let state = AppState { core: core.clone(), config: Arc::new(config), media: Arc::new(media) };
+    let state = AppState {
+        core: core.clone(),
+        config: Arc::new(config),
+        media: Arc::new(media),
+        mesh_peers: Default::default(),
+    };
+    let federation = api::federation::router(state.clone());
+    let mesh = match mesh_config {
+        Some(mc) => {
+            let m = crate::net::mesh::Mesh::start(core.clone(), federation.clone(), mc).await?;
+            core.set_transport(m.transport());
+            let _ = state.mesh_peers.set(m.peer_table());
+            Some(m)
+        }
+        None => None,
+    };
     let app = api::router(state).layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrent));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(core.clone().run_sender(stop_rx));
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -138,7 +188,32 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         client_url = %format!("http://{client_addr}"),
         "outpost node ready"
     );
-    Ok(Node { client_addr, core, shutdown: Some(tx), task: Some(task) })
+    Ok(Node { client_addr, core, federation, mesh, shutdown: Some(tx), task: Some(task), stop_tx })
+}
+
+/// The operator token in `dir`, created (random, mode 0600) when missing.
+fn operator_token(dir: &std::path::Path) -> Result<String, StartError> {
+    use std::io::Write;
+    let path = dir.join(OPERATOR_TOKEN_FILE);
+    let io = |source| StartError::DataDir { path: path.display().to_string(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&path).map_err(io)?;
+    f.write_all(token.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(token)
 }
 
 /// Run a node until Ctrl-C or SIGTERM.

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod error;
+pub mod federation;
 pub mod middleware;
 pub mod outpost;
 pub mod ruma_wrapper;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub core: Arc<Core>,
     /// The node configuration.
     pub config: Arc<Config>,
+    /// The mesh's peer table, once the mesh runs.
+    pub mesh_peers: Arc<std::sync::OnceLock<crate::net::mesh::PeerTable>>,
     /// Media content and thumbnails.
     pub media: Arc<Media>,
 }

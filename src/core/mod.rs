@@ -8,6 +8,7 @@
 //! return only after [`GroupCommit`] reports the data flushed; then they advance the *visible*
 //! stream position, which wakes long-polling syncs. Read paths never block on writers.
 
+pub mod federation;
 pub mod backup;
 pub mod devices;
 pub mod e2ee;
@@ -189,6 +190,12 @@ pub struct Core {
     room_locks: StdMutex<BTreeMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// The highest stream position that is durable; syncs wait on it.
     visible: tokio::sync::watch::Sender<u64>,
+    /// How to reach other servers (set once at start-up; absent on a node without a mesh).
+    pub(crate) transport: std::sync::OnceLock<Arc<dyn federation::Transport>>,
+    /// Outbound delivery state per destination.
+    pub(crate) sender: federation::sender::SenderState,
+    /// The operator token (`outpost status` / `outpost peers`), if set.
+    operator_token: std::sync::OnceLock<String>,
     /// Decoded state maps by group id (bounded, see `state.rs`).
     state_cache: StdMutex<BTreeMap<u64, Arc<state::StateMap>>>,
     started_ms: u64,
@@ -249,6 +256,9 @@ impl Core {
             room_locks: StdMutex::new(BTreeMap::new()),
             visible,
             state_cache: StdMutex::new(BTreeMap::new()),
+            transport: std::sync::OnceLock::new(),
+            operator_token: std::sync::OnceLock::new(),
+            sender: Default::default(),
             started_ms,
             typing: typing::TypingState::default(),
             user_data_lock: tokio::sync::Mutex::new(()),
@@ -385,3 +395,15 @@ impl Core {
 
 #[cfg(test)]
 mod tests;
+
+impl Core {
+    /// Set the operator token (once, at start-up).
+    pub fn set_operator_token(&self, token: String) {
+        let _ = self.operator_token.set(token);
+    }
+
+    /// Whether `token` is the operator token.
+    pub fn is_operator_token(&self, token: &str) -> bool {
+        self.operator_token.get().is_some_and(|t| !t.is_empty() && t == token)
+    }
+}

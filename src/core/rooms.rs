@@ -52,6 +52,10 @@ pub struct StoredPdu {
     /// The redaction that applied to this event, if any.
     #[serde(default)]
     pub redacted_by: Option<OwnedEventId>,
+    /// Known (checked against its auth events) but not part of the timeline or state: fetched
+    /// as an auth event or as state at some point, or soft-failed.
+    #[serde(default)]
+    pub outlier: bool,
 }
 
 /// A local user's membership of a room, as sync and `joined_rooms` see it.
@@ -262,13 +266,7 @@ impl Core {
             self.room(room_id)?.ok_or_else(|| Error::Forbidden("you are not in this room (unknown room)".into()))?;
         let rules = rules_for(&record.version)?;
         let state = self.state_of_group(record.state_group)?;
-        let extremities = self
-            .store
-            .scan_prefix(Tree::Extremities, &prefix(&[room_id.as_bytes()]), usize::MAX)?
-            .into_iter()
-            .filter_map(|(_, v)| String::from_utf8(v).ok())
-            .filter_map(|s| EventId::parse(s).ok())
-            .collect();
+        let extremities = self.extremities(room_id)?;
         Ok(RoomCtx { room_id: room_id.to_owned(), rules, record, state, extremities, pending: Default::default() })
     }
 
@@ -380,8 +378,9 @@ impl Core {
         events: &[Prepared],
         alloc_pos: &mut dyn FnMut() -> u64,
         alloc_sg: &mut dyn FnMut() -> u64,
-    ) -> Result<()> {
+    ) -> Result<BTreeSet<ruma::OwnedServerName>> {
         let mut written = std::collections::BTreeMap::new();
+        let mut all_dests = BTreeSet::new();
         let mut room_map = self.state_of_group(record.state_group)?;
         for p in events {
             let pdu = &p.signed.pdu;
@@ -427,6 +426,20 @@ impl Core {
             let in_batch =
                 |id: &EventId| events.iter().find(|e| e.signed.event_id == *id).map(|e| e.signed.pdu.clone());
             self.stage_membership_changes(batch, room_id, &room_map, &new_room_map, pos, &in_batch)?;
+            // Local events go to every other server in the room (before or after the event, so
+            // a server that is leaving or being invited hears of it), through the durable queue.
+            if pdu.sender.server_name() == self.server_name() {
+                let mut dests = self.servers_in_state(&room_map, &in_batch)?;
+                dests.extend(self.servers_in_state(&new_room_map, &in_batch)?);
+                if pdu.kind == TimelineEventType::RoomMember {
+                    if let Some(t) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
+                        dests.insert(t.server_name().to_owned());
+                    }
+                }
+                dests.remove(self.server_name());
+                self.enqueue_pdu(batch, &dests, pos, id);
+                all_dests.extend(dests);
+            }
             record.state_group = new_room_sg;
             room_map = new_room_map;
             let stored = StoredPdu {
@@ -436,6 +449,7 @@ impl Core {
                 state_after: after_sg,
                 txn: p.txn.clone(),
                 redacted_by: None,
+                outlier: false,
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
@@ -465,7 +479,7 @@ impl Core {
             record.max_depth = record.max_depth.max(pdu.depth);
         }
         batch.put(Tree::Rooms, room_id.as_bytes().to_vec(), to_json(record));
-        Ok(())
+        Ok(all_dests)
     }
 
     /// Record, for local users, every membership that differs between two room states.
@@ -540,15 +554,85 @@ impl Core {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
         let mut ctx = self.room_ctx(room_id)?;
-        let prepared = self.prepare(&mut ctx, sender, template, txn)?;
+        let mut prepared = self.prepare(&mut ctx, sender, template, txn)?;
         let id = prepared.signed.event_id.clone();
-        let mut record = ctx.record.clone();
-        let rules = ctx.rules.clone();
-        self.commit(Batch::new(), |batch, pos, sg| {
-            self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
-        })
-        .await?;
+        // Inviting a user of another node: their server countersigns the invite first (and
+        // learns of it that way even though it is not in the room yet).
+        if self.is_remote_invite(&prepared.signed.pdu) {
+            prepared.signed = self.exchange_invite(room_id, &ctx.record.version, prepared.signed).await?;
+        }
+        let depth = ctx.record.max_depth;
+        self.commit_prepared(&ctx, prepared, depth).await?;
         Ok(id)
+    }
+
+    fn is_remote_invite(&self, pdu: &Pdu) -> bool {
+        pdu.kind == TimelineEventType::RoomMember
+            && pdu.content_value().get("membership").and_then(|m| m.as_str()) == Some("invite")
+            && pdu
+                .state_key
+                .as_deref()
+                .and_then(|k| UserId::parse(k).ok())
+                .is_some_and(|t| t.server_name() != self.server_name())
+    }
+
+    /// The resolved state before an event with these `prev_events`, the group to record it
+    /// under, and the greatest depth among them.
+    fn before_from_prevs(
+        &self,
+        room_id: &RoomId,
+        rules: &RoomVersionRules,
+        prev_events: &[OwnedEventId],
+    ) -> Result<(Arc<StateMap>, BeforeGroup, u64)> {
+        let mut forks = Vec::new();
+        let mut max_depth = 0;
+        for prev in prev_events {
+            let stored = self.stored_pdu(prev)?.ok_or_else(|| Error::NotFound(format!("unknown prev event {prev}")))?;
+            let pdu = Pdu::from_json(prev.clone(), &stored.json)?;
+            if pdu.room != room_id {
+                return Err(Error::InvalidParam(format!("prev event {prev} is in another room")));
+            }
+            max_depth = max_depth.max(pdu.depth);
+            forks.push((stored.state_after, self.state_after(&stored)?));
+        }
+        let maps: Vec<Arc<StateMap>> = forks.iter().map(|(_, m)| m.clone()).collect();
+        let before = Arc::new(self.resolve_state(rules, &maps)?);
+        let group = match forks.iter().find(|(_, m)| **m == *before) {
+            Some((g, _)) => BeforeGroup::Known(*g),
+            None => BeforeGroup::New,
+        };
+        Ok((before, group, max_depth))
+    }
+
+    /// The room's state once `prepared` is appended: the resolution of the states after every
+    /// forward extremity (the event replaces its prev events among them).
+    fn room_state_with(&self, ctx: &RoomCtx, prepared: &Prepared) -> Result<Arc<StateMap>> {
+        let prevs = &prepared.signed.pdu.prev_events;
+        let mut ext_states = vec![prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone())];
+        for e in ctx.extremities.iter().filter(|e| !prevs.contains(e)) {
+            if let Some(st) = self.stored_pdu(e)? {
+                ext_states.push(self.state_after(&st)?);
+            }
+        }
+        let new_id = prepared.signed.event_id.clone();
+        let new_pdu = prepared.signed.pdu.clone();
+        let fetch = |id: &EventId| if *id == *new_id { Ok(Some(new_pdu.clone())) } else { self.pdu(id) };
+        Ok(Arc::new(self.resolve_state_with(&ctx.rules, &ext_states, &fetch)?))
+    }
+
+    /// Stage and commit one prepared event of `ctx`'s room, then wake the federation sender.
+    async fn commit_prepared(&self, ctx: &RoomCtx, prepared: Prepared, max_depth_before: u64) -> Result<()> {
+        let mut record = ctx.record.clone();
+        record.max_depth = max_depth_before.max(prepared.signed.pdu.depth);
+        let rules = ctx.rules.clone();
+        let room_id = ctx.room_id.clone();
+        let dests = self
+            .commit(Batch::new(), |batch, pos, sg| {
+                self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+            })
+            .await?;
+        self.wake_sender(&dests);
+        Ok(())
     }
 
     /// Append an event as `sender` on top of `prev_events`, which may be a side branch of the
@@ -571,48 +655,132 @@ impl Core {
         let mut ctx = self.room_ctx(room_id)?;
         let old_extremities = ctx.extremities.clone();
         let saved_depth = ctx.record.max_depth;
-        let mut forks = Vec::new();
-        let mut max_depth = 0;
-        for prev in &prev_events {
-            let stored = self.stored_pdu(prev)?.ok_or_else(|| Error::NotFound(format!("unknown prev event {prev}")))?;
-            let pdu = Pdu::from_json(prev.clone(), &stored.json)?;
-            if pdu.room != room_id {
-                return Err(Error::InvalidParam(format!("prev event {prev} is in another room")));
-            }
-            max_depth = max_depth.max(pdu.depth);
-            forks.push((stored.state_after, self.state_after(&stored)?));
-        }
-        let maps: Vec<Arc<StateMap>> = forks.iter().map(|(_, m)| m.clone()).collect();
-        let before = Arc::new(self.resolve_state(&ctx.rules, &maps)?);
-        let before_group = match forks.as_slice() {
-            [(g, m)] if **m == *before => BeforeGroup::Known(*g),
-            _ if forks.iter().all(|(_, m)| **m == *before) => BeforeGroup::Known(forks[0].0),
-            _ => BeforeGroup::New,
-        };
+        let (before, before_group, max_depth) = self.before_from_prevs(room_id, &ctx.rules, &prev_events)?;
         ctx.state = before;
         ctx.extremities = prev_events.clone();
         ctx.record.max_depth = max_depth;
         let mut prepared = self.prepare(&mut ctx, sender, template, None)?;
         prepared.before_group = before_group;
-        let new_id = prepared.signed.event_id.clone();
-        // The room's state is the resolution of the states after every forward extremity.
-        let mut ext_states = vec![prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone())];
-        for e in old_extremities.iter().filter(|e| !prev_events.contains(e)) {
-            if let Some(st) = self.stored_pdu(e)? {
-                ext_states.push(self.state_after(&st)?);
-            }
+        ctx.extremities = old_extremities;
+        prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+        let id = prepared.signed.event_id.clone();
+        self.commit_prepared(&ctx, prepared, saved_depth).await?;
+        Ok(id)
+    }
+
+    /// Store a PDU received from another server that passed steps 1–4 of the receipt checks.
+    /// `before_override` is the state before it when its prev events are unknown (fetched with
+    /// `state_ids`).
+    pub(crate) async fn store_remote_pdu(
+        &self,
+        room_id: &RoomId,
+        rules: &RoomVersionRules,
+        signed: SignedPdu,
+        before_override: Option<StateMap>,
+    ) -> Result<super::federation::receive::PduOutcome> {
+        use super::federation::receive::PduOutcome;
+        let lock = self.room_lock(&room_id.to_owned());
+        let _guard = lock.lock().await;
+        if matches!(self.stored_pdu(&signed.event_id)?, Some(s) if !s.outlier) {
+            return Ok(PduOutcome::Duplicate);
         }
-        let new_pdu = prepared.signed.pdu.clone();
-        let fetch = |id: &EventId| if *id == *new_id { Ok(Some(new_pdu.clone())) } else { self.pdu(id) };
-        prepared.room_state = Some(Arc::new(self.resolve_state_with(&ctx.rules, &ext_states, &fetch)?));
-        let mut record = ctx.record.clone();
-        record.max_depth = saved_depth.max(new_pdu.depth);
-        let rules = ctx.rules.clone();
-        self.commit(Batch::new(), |batch, pos, sg| {
-            self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+        let ctx = self.room_ctx(room_id)?;
+        let (before, before_group) = match before_override {
+            Some(m) => (Arc::new(m), BeforeGroup::New),
+            None => {
+                let (b, g, _) = self.before_from_prevs(room_id, rules, &signed.pdu.prev_events)?;
+                (b, g)
+            }
+        };
+        let fetch = |id: &EventId| self.pdu(id).ok().flatten();
+        // 5. Passes authorization rules based on the state before the event, otherwise it is
+        //    rejected.
+        if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+            before.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
+        }) {
+            return Ok(PduOutcome::Rejected(format!("state before the event: {e}")));
+        }
+        // 6. Passes authorization rules based on the current state of the room, otherwise it
+        //    is "soft failed": kept, but neither shown to clients nor built upon.
+        if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+            ctx.state.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
+        }) {
+            tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
+            self.store_outliers(rules, vec![signed]).await?;
+            return Ok(PduOutcome::SoftFailed);
+        }
+        let state_after = signed.pdu.state_key.as_ref().map(|k| {
+            let mut s = (*before).clone();
+            s.insert((signed.pdu.kind.to_string(), k.clone()), signed.event_id.clone());
+            Arc::new(s)
+        });
+        let mut prepared = Prepared { signed, before, before_group, state_after, room_state: None, txn: None };
+        prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+        self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
+        Ok(PduOutcome::Accepted)
+    }
+
+    /// Start keeping a room this node just joined through another server: `state` is the
+    /// room's state before our `join` (from send_join, its events already stored as outliers).
+    pub(crate) async fn adopt_room(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        create_event: OwnedEventId,
+        state: StateMap,
+        join: SignedPdu,
+    ) -> Result<()> {
+        let lock = self.room_lock(&room_id.to_owned());
+        let _guard = lock.lock().await;
+        let rules = rules_for(version)?;
+        if self.room(room_id)?.is_some() {
+            drop(_guard);
+            let id = join.event_id.clone();
+            return match self.store_remote_pdu(room_id, &rules, join, None).await? {
+                super::federation::receive::PduOutcome::Rejected(why) => Err(Error::Forbidden(why)),
+                _ => {
+                    tracing::debug!(event_id = %id, "joined a room already known");
+                    Ok(())
+                }
+            };
+        }
+        check_state_dependent_auth_rules(&rules.authorization, &join.pdu, |t, k| {
+            state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
         })
-        .await?;
-        Ok(new_id)
+        .map_err(|e| Error::Forbidden(format!("the join does not pass the room's auth rules: {e}")))?;
+        let before = Arc::new(state);
+        let mut after = (*before).clone();
+        after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
+        let mut record =
+            RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth };
+        let user = join.pdu.sender.clone();
+        let prepared = Prepared {
+            signed: join,
+            before,
+            before_group: BeforeGroup::New,
+            state_after: Some(Arc::new(after)),
+            room_state: None,
+            txn: None,
+        };
+        let dests = self
+            .commit(Batch::new(), |batch, pos, sg| {
+                self.forget_invite(batch, &user, room_id);
+                self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+            })
+            .await?;
+        self.wake_sender(&dests);
+        Ok(())
+    }
+
+    /// Forward extremities of a room.
+    pub fn extremities(&self, room_id: &RoomId) -> Result<Vec<OwnedEventId>> {
+        Ok(self
+            .store
+            .scan_prefix(Tree::Extremities, &prefix(&[room_id.as_bytes()]), usize::MAX)?
+            .into_iter()
+            .filter_map(|(_, v)| String::from_utf8(v).ok())
+            .filter_map(|s| EventId::parse(s).ok())
+            .collect())
     }
 
     /// Create a room as `creator` following `spec`; every initial event is committed in one
@@ -793,7 +961,8 @@ impl Core {
             }
             self.stage(batch, &room_id, &rules, &mut record, &events, pos, sg)
         })
-        .await?;
+        .await
+        .map(|d| self.wake_sender(&d))?;
         Ok(room_id)
     }
 

@@ -214,10 +214,11 @@ impl Core {
                     }
                 }
                 "invite" if changed_membership => {
-                    invite.insert(
-                        room.to_string(),
-                        json!({"invite_state": {"events": self.stripped_state(&room, Some(&ur.event_id))?}}),
-                    );
+                    let events = match self.pending_invite(user, &room)? {
+                        Some(p) if self.room(&room)?.is_none() => p.invite_state,
+                        _ => self.stripped_state(&room, Some(&ur.event_id))?,
+                    };
+                    invite.insert(room.to_string(), json!({"invite_state": {"events": events}}));
                 }
                 "leave" | "ban" if changed_membership && (req.since.is_some() || rf.include_leave) => {
                     let (events, limited) = self.timeline_window(user, &room, since, ur.pos, tl_limit, &rf.timeline)?;

@@ -75,6 +75,12 @@ pub enum Tree {
     Directory,
     /// `room_id 0xff target_event_id 0xff relation_event_pos(be u64) → relation event id`.
     Relations,
+    /// `destination 0xff stream_pos(be u64) → event_id`: the durable outbound federation queue.
+    FedQueue,
+    /// `origin → last transaction id` received from it (deduplication).
+    FedTxns,
+    /// `user_id 0xff room_id → PendingInvite`: invites to rooms this node is not in.
+    Invites,
     /// `user_id 0xff device_id → signed device keys JSON` (end-to-end encryption).
     DeviceKeys,
     /// `user_id 0xff device_id 0xff algorithm 0xff key_id → one-time key JSON`.
@@ -142,6 +148,9 @@ impl Tree {
             Tree::Aliases => 15,
             Tree::Directory => 16,
             Tree::Relations => 17,
+            Tree::FedQueue => 80,
+            Tree::FedTxns => 81,
+            Tree::Invites => 82,
             Tree::DeviceKeys => 20,
             Tree::OneTimeKeys => 21,
             Tree::FallbackKeys => 22,

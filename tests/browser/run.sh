@@ -38,7 +38,8 @@ trap cleanup EXIT
 
 # Port 0: the node picks a free port and logs its URL.
 env -u RUST_LOG NO_COLOR=1 RUST_LOG="info,outpost::http=debug,ruma_state_res=warn" \
-  "$BIN" run --data-dir "$TMP/data" --client-addr 127.0.0.1:0 >"$LOG" 2>&1 &
+  "$BIN" run --data-dir "$TMP/data" --client-addr 127.0.0.1:0 \
+  --no-mdns --listen /ip4/127.0.0.1/udp/0/quic-v1 --listen /ip4/127.0.0.1/tcp/0 >"$LOG" 2>&1 &
 NODE_PID=$!
 URL=""
 for _ in $(seq 1 200); do

@@ -41,6 +41,14 @@ pub struct Node {
     /// `http://127.0.0.1:<port>`.
     pub base_url: String,
     starts: u32,
+    /// Extra arguments for `outpost run` (e.g. static peers).
+    pub extra_args: Vec<String>,
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago (for QUIC listen addresses).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp 127.0.0.1:0");
+    s.local_addr().expect("local_addr").port()
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (bind to port 0, then drop the listener).
@@ -68,7 +76,20 @@ impl Node {
         Self::launch(None, data_dir, log_path).await
     }
 
+    /// Starts a node like [`Node::start`], with extra `outpost run` arguments (e.g. `--listen`,
+    /// `--peer`).
+    pub async fn start_with_args(args: Vec<String>) -> Node {
+        let tmp = tempfile::Builder::new().prefix("outpost-test-").tempdir().expect("temp dir");
+        let data_dir = tmp.path().join("data");
+        let log_path = tmp.path().join("outpost.log");
+        Self::launch_with(Some(tmp), data_dir, log_path, args).await
+    }
+
     async fn launch(tmp: Option<TempDir>, data_dir: PathBuf, log_path: PathBuf) -> Node {
+        Self::launch_with(tmp, data_dir, log_path, Vec::new()).await
+    }
+
+    async fn launch_with(tmp: Option<TempDir>, data_dir: PathBuf, log_path: PathBuf, extra_args: Vec<String>) -> Node {
         let port = free_port();
         let mut node = Node {
             child: None,
@@ -78,6 +99,7 @@ impl Node {
             port,
             base_url: format!("http://127.0.0.1:{port}"),
             starts: 0,
+            extra_args,
         };
         node.spawn_and_wait().await;
         node
@@ -123,6 +145,9 @@ impl Node {
             .arg(&self.data_dir)
             .arg("--client-addr")
             .arg(format!("127.0.0.1:{}", self.port))
+            // Network rule: the mesh stays on loopback and mDNS stays off in these tests.
+            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(self.extra_args.iter())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr));

@@ -6,19 +6,37 @@ use ruma::{
         ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
         joined_members, joined_rooms, kick_user, leave_room, unban_user,
     },
-    OwnedRoomId, RoomId, UserId,
+    OwnedRoomId, OwnedServerName, RoomId, UserId,
 };
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use crate::api::{error::ApiResult, ruma_wrapper::Ruma, AppState};
 use crate::core::{Core, Error};
 
-async fn join(core: &Core, user: &UserId, room: &RoomId, reason: Option<String>) -> Result<OwnedRoomId, Error> {
-    if core.room(room)?.is_none() {
-        return Err(Error::NotFound("this node knows no such room".into()));
+/// Join a room: locally when this node is in it, otherwise through another server (`via`, the
+/// server that invited us, or the room id's server part).
+async fn join(
+    core: &Arc<Core>,
+    user: &UserId,
+    room: &RoomId,
+    reason: Option<String>,
+    mut via: Vec<OwnedServerName>,
+) -> Result<OwnedRoomId, Error> {
+    if core.room(room)?.is_some() {
+        core.set_membership(user, room, user, "join", reason, None).await?;
+        return Ok(room.to_owned());
     }
-    core.set_membership(user, room, user, "join", reason, None).await?;
-    Ok(room.to_owned())
+    if let Some(inv) = core.pending_invite(user, room)? {
+        via.extend(inv.via);
+    }
+    if let Some(s) = room.server_name() {
+        via.push(s.to_owned());
+    }
+    if via.is_empty() {
+        return Err(Error::NotFound("this node is not in that room and knows no server to join through".into()));
+    }
+    core.join_remote(user, room, &via).await
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/join`
@@ -27,7 +45,7 @@ pub async fn join_room_by_id_route(
     body: Ruma<join_room_by_id::v3::Request>,
 ) -> ApiResult<Json<Value>> {
     let (user, _) = body.sender()?;
-    let room = join(&s.core, user, &body.body.room_id, body.body.reason.clone()).await?;
+    let room = join(&s.core, user, &body.body.room_id, body.body.reason.clone(), Vec::new()).await?;
     Ok(Json(json!({"room_id": room})))
 }
 
@@ -38,13 +56,16 @@ pub async fn join_room_by_id_or_alias_route(
 ) -> ApiResult<Json<Value>> {
     let (user, _) = body.sender()?;
     let target = &body.body.room_id_or_alias;
+    let mut via: Vec<OwnedServerName> = body.body.via.clone();
     let room_id = if target.is_room_id() {
         RoomId::parse(target.as_str()).map_err(|e| Error::InvalidParam(e.to_string()))?
     } else {
         let alias = ruma::RoomAliasId::parse(target.as_str()).map_err(|e| Error::InvalidParam(e.to_string()))?;
-        s.core.resolve_alias(&alias)?.ok_or_else(|| Error::NotFound("room alias not found".into()))?
+        let (room, servers) = s.core.resolve_alias_anywhere(&alias).await?;
+        via.extend(servers);
+        room
     };
-    let room = join(&s.core, user, &room_id, body.body.reason.clone()).await?;
+    let room = join(&s.core, user, &room_id, body.body.reason.clone(), via).await?;
     Ok(Json(json!({"room_id": room})))
 }
 
@@ -67,6 +88,10 @@ pub async fn leave_room_route(
     body: Ruma<leave_room::v3::Request>,
 ) -> ApiResult<Json<Value>> {
     let (user, _) = body.sender()?;
+    if s.core.room(&body.body.room_id)?.is_none() && s.core.pending_invite(user, &body.body.room_id)?.is_some() {
+        s.core.reject_invite_locally(user, &body.body.room_id).await?;
+        return Ok(Json(json!({})));
+    }
     s.core.set_membership(user, &body.body.room_id, user, "leave", body.body.reason.clone(), None).await?;
     Ok(Json(json!({})))
 }

@@ -1,0 +1,431 @@
+//! Membership across servers: inviting a user of another node (invite v2), joining a room that
+//! lives on other nodes (make_join / send_join v2), and the resident side of both.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use ruma::{
+    api::federation::membership::{create_invite, create_join_event, prepare_join_event, RawStrippedState},
+    canonical_json::CanonicalJsonObject,
+    events::TimelineEventType,
+    signatures::sign_event,
+    state_res::{self, check_state_dependent_auth_rules},
+    EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
+};
+use serde_json::{json, value::RawValue, Value as JsonValue};
+
+use crate::{
+    core::{
+        pdu::{self, rules_for, Pdu, SignedPdu, SUPPORTED_ROOM_VERSIONS},
+        rooms::UserRoom,
+        state::StateMap,
+        to_json, Core, Error, Result,
+    },
+    store::{key, Batch, Tree},
+};
+
+fn raw(obj: &CanonicalJsonObject) -> Result<Box<RawValue>> {
+    RawValue::from_string(serde_json::to_string(obj).map_err(|e| Error::Internal(e.to_string()))?)
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// An invite kept for a room this node is not in: the stripped state clients are shown.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PendingInvite {
+    /// Room version.
+    pub room_version: RoomVersionId,
+    /// Stripped state events (`type`, `state_key`, `content`, `sender`).
+    pub invite_state: Vec<JsonValue>,
+    /// Servers that can be asked to join through.
+    pub via: Vec<OwnedServerName>,
+}
+
+impl Core {
+    /// Stripped-state PDUs of `room` to send along with an invite.
+    fn invite_room_state(&self, room: &RoomId) -> Result<Vec<RawStrippedState>> {
+        let state = self.current_state(room)?;
+        let mut out = Vec::new();
+        for t in [
+            "m.room.create",
+            "m.room.join_rules",
+            "m.room.name",
+            "m.room.avatar",
+            "m.room.canonical_alias",
+            "m.room.encryption",
+            "m.room.topic",
+        ] {
+            if let Some(id) = state.get(&(t.to_owned(), String::new())) {
+                if let Some(s) = self.stored_pdu(id)? {
+                    out.push(RawStrippedState::Pdu(
+                        RawValue::from_string(s.json).map_err(|e| Error::Internal(e.to_string()))?,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ask the invitee's server to countersign an invite we built (invite v2); returns the
+    /// event with both signatures.
+    pub(crate) async fn exchange_invite(
+        &self,
+        room: &RoomId,
+        version: &RoomVersionId,
+        signed: SignedPdu,
+    ) -> Result<SignedPdu> {
+        let target = signed
+            .pdu
+            .state_key
+            .as_deref()
+            .and_then(|k| UserId::parse(k).ok())
+            .ok_or_else(|| Error::BadJson("invite without a target".into()))?;
+        let dest = target.server_name().to_owned();
+        let req = create_invite::v2::Request::new(
+            room.to_owned(),
+            signed.event_id.clone(),
+            version.clone(),
+            raw(&signed.object)?,
+            self.invite_room_state(room)?,
+        );
+        let res = self
+            .federation_request(&dest, req)
+            .await
+            .map_err(|e| Error::Forbidden(format!("the invitee's server could not be reached: {e}")))?;
+        let rules = rules_for(version)?;
+        let theirs =
+            self.verify_pdu(&rules, &res.event).map_err(|e| Error::Forbidden(format!("bad invite answer: {e}")))?;
+        if theirs.event_id != signed.event_id {
+            return Err(Error::Forbidden("the invitee's server changed the invite".into()));
+        }
+        // The invitee's server must have signed it too.
+        let keys = super::key_map_for([dest.as_ref(), self.server_name()])?;
+        ruma::signatures::verify_json(&keys, &pdu::redacted_object(theirs.object.clone(), &rules, None)?)
+            .map_err(|e| Error::Forbidden(format!("invite not countersigned: {e}")))?;
+        Ok(theirs)
+    }
+
+    /// Resident side of invite v2 is on the invitee's node: check, countersign and keep the
+    /// invite for the local user. Returns the countersigned event.
+    pub async fn receive_invite(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        version: &RoomVersionId,
+        event: &RawValue,
+        invite_room_state: &[RawStrippedState],
+    ) -> Result<Box<RawValue>> {
+        if !SUPPORTED_ROOM_VERSIONS.contains(version) {
+            return Err(Error::UnsupportedRoomVersion(version.to_string()));
+        }
+        let rules = rules_for(version)?;
+        let mut signed = self.verify_pdu(&rules, event).map_err(Error::BadJson)?;
+        let p = &signed.pdu;
+        let target = p.state_key.as_deref().and_then(|k| UserId::parse(k).ok());
+        let is_invite = p.kind == TimelineEventType::RoomMember
+            && p.content_value().get("membership").and_then(|m| m.as_str()) == Some("invite");
+        let Some(target) = target.filter(|_| is_invite) else {
+            return Err(Error::BadJson("not an invite".into()));
+        };
+        if target.server_name() != self.server_name() || p.sender.server_name() != origin || p.room != room {
+            return Err(Error::Forbidden("invite does not match the request".into()));
+        }
+        if self.user(&target)?.is_none() {
+            return Err(Error::NotFound("no such user here".into()));
+        }
+        sign_event(self.server_name().as_str(), self.identity.key_pair(), &mut signed.object, &rules.redaction)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut invite_state = Vec::new();
+        for s in invite_room_state {
+            #[allow(deprecated)]
+            let v: Option<JsonValue> = match s {
+                RawStrippedState::Stripped(r) => serde_json::from_str(r.json().get()).ok(),
+                RawStrippedState::Pdu(r) => serde_json::from_str::<JsonValue>(r.get()).ok().map(|v| {
+                    json!({"type": v["type"], "state_key": v["state_key"], "content": v["content"], "sender": v["sender"]})
+                }),
+                _ => None,
+            };
+            invite_state.extend(v);
+        }
+        invite_state.push(json!({
+            "type": "m.room.member", "state_key": target, "content": p.content_value(), "sender": p.sender,
+        }));
+        let pending = PendingInvite { room_version: version.clone(), invite_state, via: vec![origin.to_owned()] };
+        let event_id = signed.event_id.clone();
+        let stored = crate::core::rooms::StoredPdu {
+            json: serde_json::to_string(&signed.object).map_err(|e| Error::Internal(e.to_string()))?,
+            pos: 0,
+            state_before: 0,
+            state_after: 0,
+            txn: None,
+            redacted_by: None,
+            outlier: true,
+        };
+        let already_member = self.room(room)?.is_some();
+        self.commit(Batch::new(), |b, pos, _| {
+            b.put(Tree::Pdus, event_id.as_bytes().to_vec(), to_json(&stored));
+            if !already_member {
+                b.put(Tree::Invites, key(&[target.as_bytes(), room.as_bytes()]), to_json(&pending));
+                let ur =
+                    UserRoom { membership: "invite".into(), pos: pos(), event_id: event_id.clone(), forgotten: false };
+                b.put(Tree::UserRooms, key(&[target.as_bytes(), room.as_bytes()]), to_json(&ur));
+            }
+            Ok(())
+        })
+        .await?;
+        raw(&signed.object)
+    }
+
+    /// The invite kept for `user` to a room this node is not in.
+    pub fn pending_invite(&self, user: &UserId, room: &RoomId) -> Result<Option<PendingInvite>> {
+        self.get_json(Tree::Invites, &key(&[user.as_bytes(), room.as_bytes()]))
+    }
+
+    /// Resident side of `make_join`: a join template for `user` (of `origin`).
+    pub fn make_join_template(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        user: &UserId,
+        versions: &[RoomVersionId],
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        if user.server_name() != origin {
+            return Err(Error::Forbidden("you may only make joins for your own users".into()));
+        }
+        let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
+        if !versions.contains(&record.version) {
+            return Err(Error::UnsupportedRoomVersion(record.version.to_string()));
+        }
+        let rules = rules_for(&record.version)?;
+        let state = self.current_state(room)?;
+        let content = json!({"membership": "join"});
+        let auth_types = state_res::auth_types_for_event(
+            &TimelineEventType::RoomMember,
+            user,
+            Some(user.as_str()),
+            &serde_json::value::to_raw_value(&content).map_err(|e| Error::Internal(e.to_string()))?,
+            &rules.authorization,
+        )
+        .map_err(Error::BadJson)?;
+        let mut auth_events: Vec<OwnedEventId> =
+            auth_types.iter().filter_map(|(t, k)| state.get(&(t.to_string(), k.clone())).cloned()).collect();
+        auth_events.sort();
+        auth_events.dedup();
+        let mut prev = self.extremities(room)?;
+        prev.sort();
+        prev.truncate(20);
+        let template = json!({
+            "type": "m.room.member", "room_id": room, "sender": user, "state_key": user,
+            "content": content, "origin_server_ts": self.now_ms(), "depth": record.max_depth + 1,
+            "prev_events": prev, "auth_events": auth_events,
+        });
+        // Refuse early what the auth rules would refuse (e.g. invite-only without an invite).
+        let probe: Pdu = {
+            let mut p: Pdu = serde_json::from_value(template.clone()).map_err(|e| Error::Internal(e.to_string()))?;
+            p.room = room.to_owned();
+            p
+        };
+        check_state_dependent_auth_rules(&rules.authorization, &probe, |t, k| {
+            state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
+        })
+        .map_err(Error::Forbidden)?;
+        let raw = serde_json::value::to_raw_value(&template).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok((record.version, raw))
+    }
+
+    /// Resident side of `send_join` v2: accept the join (all receipt checks), then answer with
+    /// the room state before it and the auth chain, and pass the join on to the other servers.
+    pub async fn receive_send_join(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        event_id: &EventId,
+        pdu: &RawValue,
+    ) -> Result<create_join_event::v2::RoomState> {
+        let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
+        let rules = rules_for(&record.version)?;
+        let signed = self.verify_pdu(&rules, pdu).map_err(Error::BadJson)?;
+        let p = &signed.pdu;
+        let is_join = p.kind == TimelineEventType::RoomMember
+            && p.content_value().get("membership").and_then(|m| m.as_str()) == Some("join");
+        if signed.event_id != event_id
+            || !is_join
+            || p.sender.server_name() != origin
+            || p.state_key.as_deref() != Some(p.sender.as_str())
+        {
+            return Err(Error::BadJson("not a join for a user of the requesting server".into()));
+        }
+        let (_, outcome) = self.handle_incoming_pdu(origin, room, pdu, true).await?;
+        use super::receive::PduOutcome;
+        match outcome {
+            PduOutcome::Accepted | PduOutcome::Duplicate => {}
+            PduOutcome::SoftFailed => return Err(Error::Forbidden("the join fails against the current state".into())),
+            PduOutcome::Rejected(why) => return Err(Error::Forbidden(why)),
+        }
+        let stored = self.stored_pdu(event_id)?.ok_or_else(|| Error::Internal("join vanished".into()))?;
+        let state = self.state_of_group(stored.state_before)?;
+        let mut state_pdus = Vec::new();
+        for id in state.values() {
+            if let Some(s) = self.stored_pdu(id)? {
+                state_pdus.push(RawValue::from_string(s.json).map_err(|e| Error::Internal(e.to_string()))?);
+            }
+        }
+        let chain = self.auth_chain(state.values().cloned().chain(std::iter::once(event_id.to_owned())))?;
+        let mut auth_chain = Vec::new();
+        for id in chain {
+            if let Some(s) = self.stored_pdu(&id)? {
+                auth_chain.push(RawValue::from_string(s.json).map_err(|e| Error::Internal(e.to_string()))?);
+            }
+        }
+        // The joining server cannot reach the rest of the room yet: pass its join on.
+        let mut dests: BTreeSet<OwnedServerName> = self.servers_in_room(room)?;
+        dests.remove(origin);
+        dests.remove(self.server_name());
+        let pos = stored.pos;
+        let id = event_id.to_owned();
+        self.commit(Batch::new(), |b, _, _| {
+            self.enqueue_pdu(b, &dests, pos, &id);
+            Ok(())
+        })
+        .await?;
+        self.wake_sender(&dests);
+        let mut rs = create_join_event::v2::RoomState::new();
+        rs.auth_chain = auth_chain;
+        rs.state = state_pdus;
+        rs.servers_in_room = Some(self.servers_in_room(room)?.into_iter().map(|s| s.to_string()).collect());
+        Ok(rs)
+    }
+
+    /// Join `user` to a room this node is not in, through one of `via` (make_join, then
+    /// send_join v2). Returns the room id once the join and the room state are stored.
+    pub async fn join_remote(
+        self: &Arc<Self>,
+        user: &UserId,
+        room: &RoomId,
+        via: &[OwnedServerName],
+    ) -> Result<OwnedRoomId> {
+        let mut last_err = Error::NotFound("no server to join through".into());
+        for server in via.iter().filter(|s| s.as_str() != self.server_name().as_str()) {
+            match self.join_via(user, room, server).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::info!(%room, via = %server, error = %e, "remote join failed");
+                    last_err = e;
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn join_via(self: &Arc<Self>, user: &UserId, room: &RoomId, server: &ServerName) -> Result<OwnedRoomId> {
+        let mut req = prepare_join_event::v1::Request::new(room.to_owned(), user.to_owned());
+        req.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
+        let res = self.federation_request(server, req).await?;
+        let version = res.room_version.unwrap_or(RoomVersionId::V10);
+        let rules = rules_for(&version)?;
+        let mut template: serde_json::Map<String, JsonValue> =
+            serde_json::from_str(res.event.get()).map_err(|e| Error::BadJson(format!("bad join template: {e}")))?;
+        // Keep only the fields a PDU has; fill in what is ours to fill.
+        template.retain(|k, _| {
+            ["type", "room_id", "sender", "state_key", "content", "prev_events", "auth_events", "depth"]
+                .contains(&k.as_str())
+        });
+        if template.get("sender").and_then(|s| s.as_str()) != Some(user.as_str())
+            || template.get("state_key").and_then(|s| s.as_str()) != Some(user.as_str())
+            || template.get("type").and_then(|s| s.as_str()) != Some("m.room.member")
+        {
+            return Err(Error::BadJson("join template is not a join for this user".into()));
+        }
+        let profile = self.profile(user)?;
+        let mut content = json!({"membership": "join"});
+        if let Some(d) = profile.displayname {
+            content["displayname"] = json!(d);
+        }
+        if let Some(a) = profile.avatar_url {
+            content["avatar_url"] = json!(a);
+        }
+        template.insert("content".into(), content);
+        template.insert("origin_server_ts".into(), json!(self.now_ms()));
+        let mut object =
+            ruma::canonical_json::try_from_json_map(template).map_err(|e| Error::BadJson(e.to_string()))?;
+        pdu::hash_and_sign(self.server_name().as_str(), self.identity.key_pair(), &mut object, &rules)?;
+        let event_id = pdu::event_id_of(&object, &rules)?;
+        let req = create_join_event::v2::Request::new(room.to_owned(), event_id.clone(), raw(&object)?);
+        let res = self.federation_request(server, req).await?;
+        // Check every event we were given (steps 1–3), then store the auth chain and state as
+        // outliers in depth order (each is checked against its own auth events).
+        let mut events: Vec<SignedPdu> = Vec::new();
+        for r in res.room_state.auth_chain.iter().chain(res.room_state.state.iter()) {
+            match self.verify_pdu(&rules, r) {
+                Ok(s) if s.pdu.room == room => {
+                    if !events.iter().any(|e| e.event_id == s.event_id) {
+                        events.push(s);
+                    }
+                }
+                Ok(_) => {}
+                Err(why) => tracing::info!(%room, reason = %why, "invalid event in send_join answer"),
+            }
+        }
+        let mut state = StateMap::new();
+        for r in &res.room_state.state {
+            if let Some(s) = events.iter().find(|e| {
+                serde_json::to_string(&e.object).ok().as_deref() == Some(r.get())
+                    || serde_json::from_str::<JsonValue>(r.get()).ok() == serde_json::to_value(&e.object).ok()
+            }) {
+                if let Some(k) = &s.pdu.state_key {
+                    state.insert((s.pdu.kind.to_string(), k.clone()), s.event_id.clone());
+                }
+            }
+        }
+        events.sort_by_key(|s| s.pdu.depth);
+        self.store_outliers(&rules, events).await?;
+        let create = state
+            .get(&("m.room.create".to_owned(), String::new()))
+            .cloned()
+            .ok_or_else(|| Error::BadJson("send_join answer has no create event".into()))?;
+        let join_json = serde_json::to_string(&object).map_err(|e| Error::Internal(e.to_string()))?;
+        let join = SignedPdu { event_id: event_id.clone(), pdu: Pdu::from_json(event_id.clone(), &join_json)?, object };
+        self.adopt_room(room, &version, create, state, join).await?;
+        Ok(room.to_owned())
+    }
+}
+
+impl Core {
+    /// Delete a pending invite record (after joining or leaving).
+    pub(crate) fn forget_invite(&self, b: &mut Batch, user: &UserId, room: &RoomId) {
+        b.delete(Tree::Invites, key(&[user.as_bytes(), room.as_bytes()]));
+    }
+
+    /// Decline an invite to a room this node is not in. The inviting server is not told (that
+    /// needs make_leave/send_leave; see docs/mesh.md); the invite disappears for the user.
+    pub async fn reject_invite_locally(&self, user: &UserId, room: &RoomId) -> Result<()> {
+        let inv = self.pending_invite(user, room)?.ok_or_else(|| Error::NotFound("no invite to that room".into()))?;
+        let _ = inv;
+        let k = key(&[user.as_bytes(), room.as_bytes()]);
+        let old: Option<UserRoom> = self.get_json(Tree::UserRooms, &k)?;
+        self.commit(Batch::new(), |b, pos, _| {
+            self.forget_invite(b, user, room);
+            if let Some(old) = old {
+                let ur = UserRoom { membership: "leave".into(), pos: pos(), event_id: old.event_id, forgotten: false };
+                b.put(Tree::UserRooms, k, to_json(&ur));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Resolve a room alias here or, for another server's alias, by asking that server.
+    pub async fn resolve_alias_anywhere(
+        &self,
+        alias: &ruma::RoomAliasId,
+    ) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+        if alias.server_name() == self.server_name() {
+            let room = self.resolve_alias(alias)?.ok_or_else(|| Error::NotFound("room alias not found".into()))?;
+            return Ok((room, vec![self.server_name().to_owned()]));
+        }
+        let req = ruma::api::federation::query::get_room_information::v1::Request::new(alias.to_owned());
+        let res = self
+            .federation_request(alias.server_name(), req)
+            .await
+            .map_err(|e| Error::NotFound(format!("room alias not found: {e}")))?;
+        Ok((res.room_id, res.servers))
+    }
+}

@@ -1,0 +1,350 @@
+//! Receiving PDUs from other servers: the spec's "checks performed on receipt of a PDU", in
+//! order, with the step numbers of the server-server spec as comments.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use ruma::{
+    api::federation::event::{get_event, get_missing_events, get_room_state_ids},
+    canonical_json::CanonicalJsonObject,
+    room_version_rules::RoomVersionRules,
+    signatures::{required_server_signatures_to_verify_event, verify_event, Verified},
+    state_res::{check_pdu_format, check_state_dependent_auth_rules, check_state_independent_auth_rules},
+    EventId, OwnedEventId, OwnedRoomId, RoomId, ServerName, UInt,
+};
+use serde_json::value::RawValue;
+
+use super::{super::state::StateMap, key_map_for};
+use crate::core::{
+    pdu::{self, event_id_of, rules_for, Pdu, SignedPdu, MAX_PDU_BYTES},
+    Core, Error, Result,
+};
+
+/// What became of a received PDU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PduOutcome {
+    /// Stored and part of the room.
+    Accepted,
+    /// Stored, but it fails the auth rules against the current state: not shown to clients and
+    /// not built upon (spec: soft failure).
+    SoftFailed,
+    /// Already known.
+    Duplicate,
+    /// Dropped; the string says why.
+    Rejected(String),
+}
+
+/// How far to look for missing history with `get_missing_events`.
+const MISSING_EVENTS_LIMIT: u32 = 100;
+/// Most events fetched one by one to fill a gap (`state_ids` fallback).
+const MAX_FETCH_EVENTS: usize = 500;
+
+fn reject(msg: impl Into<String>) -> PduOutcome {
+    PduOutcome::Rejected(msg.into())
+}
+
+impl Core {
+    /// Steps 1–3 of the receipt checks: format, signatures, hashes (redacting on mismatch).
+    /// Returns the event id, the (possibly redacted) object and the parsed PDU.
+    pub fn verify_pdu(&self, rules: &RoomVersionRules, raw: &RawValue) -> std::result::Result<SignedPdu, String> {
+        if raw.get().len() > MAX_PDU_BYTES {
+            return Err(format!("PDU over {MAX_PDU_BYTES} bytes"));
+        }
+        let mut object: CanonicalJsonObject =
+            serde_json::from_str(raw.get()).map_err(|e| format!("not canonical JSON: {e}"))?;
+        // 1. Is a valid event, otherwise it is dropped.
+        check_pdu_format(&object, &rules.event_format).map_err(|e| format!("invalid format: {e}"))?;
+        let event_id = event_id_of(&object, rules).map_err(|e| e.to_string())?;
+        // 2. Passes signature checks, otherwise it is dropped.
+        let servers = required_server_signatures_to_verify_event(&object, &rules.signatures)
+            .map_err(|e| format!("cannot tell who must sign: {e}"))?;
+        let keys = key_map_for(servers.iter().map(|s| s.as_ref())).map_err(|e| e.to_string())?;
+        let verified = verify_event(&keys, &object, rules).map_err(|e| format!("bad signature: {e}"))?;
+        // 3. Passes hash checks, otherwise it is redacted before being processed further.
+        if verified == Verified::Signatures {
+            object = pdu::redacted_object(object, rules, None).map_err(|e| e.to_string())?;
+        }
+        let json = serde_json::to_string(&object).map_err(|e| e.to_string())?;
+        let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| e.to_string())?;
+        Ok(SignedPdu { event_id, object, pdu })
+    }
+
+    /// Handle a `/send` transaction from `origin` (already authenticated as that peer).
+    pub async fn receive_transaction(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        txn_id: &str,
+        pdus: Vec<Box<RawValue>>,
+    ) -> Result<BTreeMap<OwnedEventId, std::result::Result<(), String>>> {
+        if pdus.len() > super::sender::MAX_PDUS_PER_TXN {
+            return Err(Error::TooLarge("a transaction carries at most 50 PDUs".into()));
+        }
+        if self.last_txn(origin)?.as_deref() == Some(txn_id) {
+            return Ok(BTreeMap::new());
+        }
+        let mut results = BTreeMap::new();
+        for raw in pdus {
+            #[derive(serde::Deserialize)]
+            struct RoomOf {
+                room_id: Option<OwnedRoomId>,
+            }
+            let Some(room) = serde_json::from_str::<RoomOf>(raw.get()).ok().and_then(|r| r.room_id) else {
+                continue; // no room: nothing we can check it against
+            };
+            match self.handle_incoming_pdu(origin, &room, &raw, true).await {
+                Ok((id, PduOutcome::Rejected(why))) => {
+                    tracing::info!(%origin, event_id = %id, reason = %why, "rejected PDU");
+                    results.insert(id, Err(why));
+                }
+                Ok((id, _)) => {
+                    results.insert(id, Ok(()));
+                }
+                Err(e) => tracing::info!(%origin, %room, error = %e, "PDU not processed"),
+            }
+        }
+        self.set_last_txn(origin, txn_id).await?;
+        Ok(results)
+    }
+
+    fn last_txn(&self, origin: &ServerName) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .get(crate::store::Tree::FedTxns, origin.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    async fn set_last_txn(&self, origin: &ServerName, txn: &str) -> Result<()> {
+        let mut b = crate::store::Batch::new();
+        b.put(crate::store::Tree::FedTxns, origin.as_bytes().to_vec(), txn.as_bytes().to_vec());
+        self.commit(b, |_, _, _| Ok(())).await
+    }
+
+    /// Run every receipt check on one PDU of a room we are in, fetching what is missing from
+    /// `origin` when `fetch` is true, and store it. Returns the event id and the outcome.
+    pub async fn handle_incoming_pdu(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        raw: &RawValue,
+        fetch: bool,
+    ) -> Result<(OwnedEventId, PduOutcome)> {
+        let record = self.room(room)?.ok_or_else(|| Error::NotFound(format!("not in room {room}")))?;
+        let rules = rules_for(&record.version)?;
+        let signed = match self.verify_pdu(&rules, raw) {
+            Ok(s) => s,
+            Err(why) => {
+                let id = serde_json::from_str::<CanonicalJsonObject>(raw.get())
+                    .ok()
+                    .and_then(|o| event_id_of(&o, &rules).ok())
+                    .unwrap_or_else(|| EventId::parse("$invalid").expect("valid"));
+                return Ok((id, reject(why)));
+            }
+        };
+        let id = signed.event_id.clone();
+        if signed.pdu.room != room {
+            return Ok((id, reject("room_id does not match")));
+        }
+        if let Some(stored) = self.stored_pdu(&id)? {
+            if !stored.outlier {
+                return Ok((id, PduOutcome::Duplicate));
+            }
+        }
+        // 4. Passes authorization rules based on the event's auth events, otherwise it is
+        //    rejected. (Missing auth events are fetched and checked first.)
+        if fetch {
+            self.fetch_missing_auth_events(origin, &rules, &signed.pdu).await?;
+        }
+        if let Err(e) = check_state_independent_auth_rules(&rules.authorization, &signed.pdu, |id: &EventId| {
+            self.pdu(id).ok().flatten()
+        }) {
+            return Ok((id, reject(format!("auth events: {e}"))));
+        }
+        let mut auth_state: StateMap = self.auth_event_state(&signed.pdu)?;
+        // Room v12 leaves the create event out of auth_events (the room id names it).
+        auth_state.entry(("m.room.create".to_owned(), String::new())).or_insert_with(|| record.create_event.clone());
+        if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+            auth_state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
+        }) {
+            return Ok((id, reject(format!("auth events: {e}"))));
+        }
+        // Missing prev events: ask the origin for the gap (get_missing_events), and failing that
+        // for the state at the event (state_ids).
+        let mut missing: Vec<OwnedEventId> =
+            signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
+        if !missing.is_empty() && fetch {
+            self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
+            missing.retain(|p| self.is_missing(p));
+        }
+        let before_override = if missing.is_empty() {
+            None
+        } else if fetch {
+            Some(self.fetch_state_at(origin, room, &rules, &id).await?)
+        } else {
+            return Ok((id, reject("prev events unknown")));
+        };
+        // 5.–6. Auth against the state before the event, otherwise rejected; then against the
+        //    current state, otherwise soft-failed (both in `store_remote_pdu`).
+        let outcome = self.store_remote_pdu(room, &rules, signed, before_override).await?;
+        Ok((id, outcome))
+    }
+
+    /// Whether `id` is NOT stored as a non-outlier (i.e. it is missing from the DAG).
+    fn is_missing(&self, id: &EventId) -> bool {
+        !matches!(self.stored_pdu(id), Ok(Some(s)) if !s.outlier)
+    }
+
+    /// The state formed by an event's auth events.
+    fn auth_event_state(&self, pdu: &Pdu) -> Result<StateMap> {
+        let mut m = StateMap::new();
+        for a in &pdu.auth_events {
+            if let Some(p) = self.pdu(a)? {
+                if let Some(k) = &p.state_key {
+                    m.insert((p.kind.to_string(), k.clone()), a.clone());
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Fetch (from `origin`) and store as outliers the auth events of `pdu` we lack, checking
+    /// each in turn.
+    async fn fetch_missing_auth_events(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        rules: &RoomVersionRules,
+        pdu: &Pdu,
+    ) -> Result<()> {
+        let mut todo: Vec<OwnedEventId> =
+            pdu.auth_events.iter().filter(|a| matches!(self.stored_pdu(a), Ok(None))).cloned().collect();
+        let mut fetched: Vec<SignedPdu> = Vec::new();
+        while let Some(id) = todo.pop() {
+            if fetched.len() >= MAX_FETCH_EVENTS {
+                break;
+            }
+            if fetched.iter().any(|f| f.event_id == id) || !matches!(self.stored_pdu(&id), Ok(None)) {
+                continue;
+            }
+            let Some(s) = self.fetch_event(origin, rules, &id).await? else { continue };
+            todo.extend(s.pdu.auth_events.iter().filter(|a| matches!(self.stored_pdu(a), Ok(None))).cloned());
+            fetched.push(s);
+        }
+        fetched.sort_by_key(|s| s.pdu.depth);
+        self.store_outliers(rules, fetched).await
+    }
+
+    /// One event from `origin`, verified (steps 1–3).
+    async fn fetch_event(
+        &self,
+        origin: &ServerName,
+        rules: &RoomVersionRules,
+        id: &EventId,
+    ) -> Result<Option<SignedPdu>> {
+        let res = self.federation_request(origin, get_event::v1::Request::new(id.to_owned())).await?;
+        match self.verify_pdu(rules, &res.pdu) {
+            Ok(s) if s.event_id == id => Ok(Some(s)),
+            Ok(_) => Ok(None),
+            Err(why) => {
+                tracing::info!(%origin, event_id = %id, reason = %why, "fetched event is invalid");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Store verified events as outliers (known, checked against their auth events, but not
+    /// placed in the timeline).
+    pub(crate) async fn store_outliers(&self, rules: &RoomVersionRules, events: Vec<SignedPdu>) -> Result<()> {
+        for s in events {
+            if check_state_independent_auth_rules(&rules.authorization, &s.pdu, |id: &EventId| {
+                self.pdu(id).ok().flatten()
+            })
+            .is_err()
+            {
+                tracing::info!(event_id = %s.event_id, "fetched auth event fails its auth rules; dropped");
+                continue;
+            }
+            let stored = crate::core::rooms::StoredPdu {
+                json: serde_json::to_string(&s.object).map_err(|e| Error::Internal(e.to_string()))?,
+                pos: 0,
+                state_before: 0,
+                state_after: 0,
+                txn: None,
+                redacted_by: None,
+                outlier: true,
+            };
+            // Each is applied at once so later ones can find it as an auth event; the commit
+            // below makes them durable together.
+            let mut one = crate::store::Batch::new();
+            one.put(crate::store::Tree::Pdus, s.event_id.as_bytes().to_vec(), crate::core::to_json(&stored));
+            self.store.apply(one)?;
+        }
+        self.commit(crate::store::Batch::new(), |_, _, _| Ok(())).await
+    }
+
+    /// Ask `origin` for the events between our forward extremities and `pdu`, and process them
+    /// oldest first (without fetching further).
+    async fn fetch_missing_prev_events(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        rules: &RoomVersionRules,
+        pdu: &Pdu,
+    ) -> Result<()> {
+        let earliest = self.extremities(room)?;
+        let mut req = get_missing_events::v1::Request::new(room.to_owned(), earliest, vec![pdu.event_id.clone()]);
+        req.limit = UInt::from(MISSING_EVENTS_LIMIT);
+        let res = match self.federation_request(origin, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(%origin, %room, error = %e, "get_missing_events failed");
+                return Ok(());
+            }
+        };
+        let mut events: Vec<SignedPdu> = res.events.iter().filter_map(|raw| self.verify_pdu(rules, raw).ok()).collect();
+        events.sort_by_key(|s| s.pdu.depth);
+        for s in events {
+            let raw =
+                RawValue::from_string(serde_json::to_string(&s.object).map_err(|e| Error::Internal(e.to_string()))?)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+            // Each missing event must itself connect to what we have; deeper gaps go through
+            // the state_ids fallback when the event that needed them is handled.
+            let fut = Box::pin(self.handle_incoming_pdu(origin, room, &raw, false));
+            if let Ok((id, PduOutcome::Rejected(why))) = fut.await {
+                tracing::info!(%origin, event_id = %id, reason = %why, "missing event rejected");
+            }
+        }
+        Ok(())
+    }
+
+    /// The state before event `id` according to `origin` (`state_ids`), with every event in it
+    /// fetched and stored as an outlier.
+    async fn fetch_state_at(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        rules: &RoomVersionRules,
+        id: &EventId,
+    ) -> Result<StateMap> {
+        let res = self
+            .federation_request(origin, get_room_state_ids::v1::Request::new(id.to_owned(), room.to_owned()))
+            .await?;
+        let mut want: Vec<OwnedEventId> = res.auth_chain_ids.into_iter().chain(res.pdu_ids.iter().cloned()).collect();
+        want.retain(|e| matches!(self.stored_pdu(e), Ok(None)));
+        want.truncate(MAX_FETCH_EVENTS);
+        let mut fetched = Vec::new();
+        for e in want {
+            if let Some(s) = self.fetch_event(origin, rules, &e).await? {
+                fetched.push(s);
+            }
+        }
+        fetched.sort_by_key(|s| s.pdu.depth);
+        self.store_outliers(rules, fetched).await?;
+        let mut state = StateMap::new();
+        for e in res.pdu_ids {
+            if let Some(p) = self.pdu(&e)? {
+                if let Some(k) = &p.state_key {
+                    state.insert((p.kind.to_string(), k.clone()), e);
+                }
+            }
+        }
+        Ok(state)
+    }
+}

@@ -1,0 +1,243 @@
+//! Outbound delivery: a durable queue per destination (written in the same batch as the event,
+//! see `Core::stage`), drained by one sender task in transactions of at most 50 PDUs.
+//!
+//! Backoff is for a mesh, not the internet: 1 s doubling to a 30 s cap, with jitter; a peer
+//! that (re)connects resets its backoff and is flushed at once ([`Core::peer_up`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex as StdMutex},
+    time::Duration,
+};
+
+use ruma::{
+    api::federation::transactions::send_transaction_message, MilliSecondsSinceUnixEpoch, OwnedServerName,
+    OwnedTransactionId, ServerName, UInt,
+};
+use serde_json::value::RawValue;
+
+use super::super::{Core, Result};
+use crate::store::{key, prefix, Batch, Tree};
+
+/// Most PDUs in one transaction (spec limit).
+pub const MAX_PDUS_PER_TXN: usize = 50;
+/// First retry delay after a failure.
+pub const BACKOFF_MS_MIN: u64 = 1_000;
+/// Longest retry delay.
+pub const BACKOFF_MS_MAX: u64 = 30_000;
+
+/// Per-destination delivery state (in memory; the queue itself is in the store).
+#[derive(Clone, Debug, Default)]
+pub struct DestState {
+    /// Entries may be waiting in the queue.
+    pub pending: bool,
+    /// A transaction is on its way.
+    pub in_flight: bool,
+    /// Consecutive failures.
+    pub failures: u32,
+    /// Not before this time (ms since the epoch).
+    pub retry_at_ms: u64,
+    /// Last successful delivery (ms).
+    pub last_ok_ms: u64,
+}
+
+/// The sender's shared state.
+#[derive(Default)]
+pub struct SenderState {
+    dests: StdMutex<BTreeMap<OwnedServerName, DestState>>,
+    wake: tokio::sync::Notify,
+}
+
+impl SenderState {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<OwnedServerName, DestState>) -> T) -> T {
+        f(&mut self.dests.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Core {
+    /// Note that new queue entries exist for `dests` and wake the sender.
+    pub(crate) fn wake_sender(&self, dests: &BTreeSet<OwnedServerName>) {
+        if dests.is_empty() {
+            return;
+        }
+        self.sender.with(|m| {
+            for d in dests {
+                m.entry(d.clone()).or_default().pending = true;
+            }
+        });
+        self.sender.wake.notify_one();
+    }
+
+    /// A peer was (re)discovered or (re)connected: forget its backoff and flush its queue now.
+    pub fn peer_up(&self, dest: &ServerName) {
+        self.sender.with(|m| {
+            let d = m.entry(dest.to_owned()).or_default();
+            d.failures = 0;
+            d.retry_at_ms = 0;
+            d.pending = true;
+        });
+        self.sender.wake.notify_one();
+    }
+
+    /// Delivery state per destination, with queue depths (for `/_outpost/v1/peers`).
+    pub fn destinations(&self) -> Result<Vec<(OwnedServerName, DestState, usize)>> {
+        let dests = self.sender.with(|m| m.clone());
+        let mut out = Vec::new();
+        for (d, st) in dests {
+            let depth = self.store.scan_prefix(Tree::FedQueue, &prefix(&[d.as_bytes()]), usize::MAX)?.len();
+            out.push((d, st, depth));
+        }
+        Ok(out)
+    }
+
+    /// Number of queued PDUs for `dest`.
+    pub fn queue_depth(&self, dest: &ServerName) -> Result<usize> {
+        Ok(self.store.scan_prefix(Tree::FedQueue, &prefix(&[dest.as_bytes()]), usize::MAX)?.len())
+    }
+
+    /// Every destination with something queued (one scan step per destination).
+    fn queued_destinations(&self) -> Result<Vec<OwnedServerName>> {
+        let mut out = Vec::new();
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            let e = self.store.scan(Tree::FedQueue, b"", from.as_deref(), None, false, 1)?;
+            let Some((k, _)) = e.first() else { break };
+            let end = k.iter().position(|b| *b == 0xff).unwrap_or(k.len());
+            let name = String::from_utf8_lossy(&k[..end]).into_owned();
+            let mut next = k[..end].to_vec();
+            next.push(0xff);
+            next.push(0xff);
+            from = Some(next);
+            if let Ok(n) = OwnedServerName::try_from(name) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sender task: runs until `shutdown` flips to true. Spawn it once per node.
+    pub async fn run_sender(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        match self.queued_destinations() {
+            Ok(ds) => self.wake_sender(&ds.into_iter().collect()),
+            Err(e) => tracing::error!(error = %e, "cannot read the federation queue"),
+        }
+        loop {
+            let now = self.now_ms();
+            let mut next_wake: Option<u64> = None;
+            let ready: Vec<OwnedServerName> = self.sender.with(|m| {
+                let mut r = Vec::new();
+                for (d, st) in m.iter_mut() {
+                    if !st.pending || st.in_flight {
+                        continue;
+                    }
+                    if st.retry_at_ms > now {
+                        next_wake = Some(next_wake.map_or(st.retry_at_ms, |w: u64| w.min(st.retry_at_ms)));
+                        continue;
+                    }
+                    st.in_flight = true;
+                    r.push(d.clone());
+                }
+                r
+            });
+            for dest in ready {
+                let core = self.clone();
+                tokio::spawn(async move { core.deliver(dest).await });
+            }
+            let sleep = next_wake.map(|w| Duration::from_millis(w.saturating_sub(self.now_ms()).max(10)));
+            tokio::select! {
+                _ = self.sender.wake.notified() => {}
+                _ = async { match sleep { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
+                _ = shutdown.changed() => { if *shutdown.borrow() { return; } }
+            }
+        }
+    }
+
+    /// Send queued PDUs to `dest` until its queue is empty or a request fails.
+    async fn deliver(self: Arc<Self>, dest: OwnedServerName) {
+        let result = loop {
+            match self.send_one_transaction(&dest).await {
+                Ok(true) => continue,
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        let now = self.now_ms();
+        self.sender.with(|m| {
+            let st = m.entry(dest.clone()).or_default();
+            st.in_flight = false;
+            match &result {
+                Ok(()) => {
+                    st.failures = 0;
+                    st.retry_at_ms = 0;
+                    st.last_ok_ms = now;
+                }
+                Err(_) => {
+                    st.failures = st.failures.saturating_add(1);
+                    let exp = BACKOFF_MS_MIN.saturating_mul(1 << st.failures.min(16).saturating_sub(1));
+                    let jitter = rand::random::<u64>() % (exp / 4 + 1);
+                    st.retry_at_ms = now + exp.min(BACKOFF_MS_MAX) + jitter;
+                    st.pending = true;
+                }
+            }
+        });
+        if let Err(e) = result {
+            tracing::debug!(%dest, error = %e, "delivery failed; will retry");
+        }
+        self.sender.wake.notify_one();
+    }
+
+    /// One transaction. Returns whether more may be queued.
+    async fn send_one_transaction(&self, dest: &ServerName) -> Result<bool> {
+        // Mark the queue as drained before reading it: an enqueue racing with us sets it again.
+        self.sender.with(|m| m.entry(dest.to_owned()).or_default().pending = false);
+        let entries = self.store.scan_prefix(Tree::FedQueue, &prefix(&[dest.as_bytes()]), MAX_PDUS_PER_TXN)?;
+        if entries.is_empty() {
+            return Ok(false);
+        }
+        let mut pdus: Vec<Box<RawValue>> = Vec::with_capacity(entries.len());
+        for (_, v) in &entries {
+            let id = ruma::EventId::parse(String::from_utf8_lossy(v).into_owned())
+                .map_err(|e| super::super::Error::Internal(e.to_string()))?;
+            if let Some(stored) = self.stored_pdu(&id)? {
+                pdus.push(
+                    RawValue::from_string(stored.json).map_err(|e| super::super::Error::Internal(e.to_string()))?,
+                );
+            }
+        }
+        let pos_of = |k: &[u8]| {
+            let b: [u8; 8] = k[k.len() - 8..].try_into().unwrap_or_default();
+            u64::from_be_bytes(b)
+        };
+        let first = pos_of(&entries[0].0);
+        let last = pos_of(&entries[entries.len() - 1].0);
+        let txn_id = OwnedTransactionId::from(format!("{first}-{last}"));
+        let ts = MilliSecondsSinceUnixEpoch(UInt::new(self.now_ms()).unwrap_or_default());
+        let mut req = send_transaction_message::v1::Request::new(txn_id, self.server_name().to_owned(), ts);
+        req.pdus = pdus;
+        let res = self.federation_request(dest, req).await?;
+        for (id, r) in &res.pdus {
+            if let Err(e) = r {
+                tracing::info!(%dest, event_id = %id, error = %e, "peer refused a PDU");
+            }
+        }
+        let mut b = Batch::new();
+        for (k, _) in &entries {
+            b.delete(Tree::FedQueue, k.clone());
+        }
+        self.commit(b, |_, _, _| Ok(())).await?;
+        Ok(entries.len() == MAX_PDUS_PER_TXN)
+    }
+
+    /// Queue `event_id` (at stream position `pos`) for each of `dests` into `batch`.
+    pub(crate) fn enqueue_pdu(
+        &self,
+        batch: &mut Batch,
+        dests: &BTreeSet<OwnedServerName>,
+        pos: u64,
+        event_id: &ruma::EventId,
+    ) {
+        for d in dests {
+            batch.put(Tree::FedQueue, key(&[d.as_bytes(), &pos.to_be_bytes()]), event_id.as_bytes().to_vec());
+        }
+    }
+}

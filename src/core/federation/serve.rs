@@ -1,0 +1,166 @@
+//! The resident side of read-only federation requests: events, missing events, backfill, state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ruma::{EventId, OwnedEventId, RoomId, ServerName};
+use serde_json::value::RawValue;
+
+use crate::core::{pdu::Pdu, Core, Error, Result};
+
+/// Most events one `get_missing_events` or `backfill` answer carries.
+pub const MAX_EVENTS_PER_ANSWER: usize = 100;
+
+impl Core {
+    /// Fail unless `origin` has (or had, at `at`) a joined member in `room`.
+    pub fn require_server_in_room(&self, origin: &ServerName, room: &RoomId, at: Option<&EventId>) -> Result<()> {
+        if self.servers_in_room(room)?.contains(origin) {
+            return Ok(());
+        }
+        if let Some(e) = at {
+            if let Some(stored) = self.stored_pdu(e)? {
+                let st = self.state_after(&stored)?;
+                if self.servers_in_state(&st, &|_| None)?.contains(origin) {
+                    return Ok(());
+                }
+            }
+        }
+        Err(Error::Forbidden(format!("{origin} is not in room {room}")))
+    }
+
+    fn raw_pdu(&self, id: &EventId) -> Result<Option<(Pdu, Box<RawValue>)>> {
+        match self.stored_pdu(id)? {
+            None => Ok(None),
+            Some(s) => {
+                let p = Pdu::from_json(id.to_owned(), &s.json)?;
+                Ok(Some((p, RawValue::from_string(s.json).map_err(|e| Error::Internal(e.to_string()))?)))
+            }
+        }
+    }
+
+    /// `GET /event/{eventId}` for `origin`.
+    pub fn event_for_server(&self, origin: &ServerName, id: &EventId) -> Result<Box<RawValue>> {
+        let (p, raw) = self.raw_pdu(id)?.ok_or_else(|| Error::NotFound("event not found".into()))?;
+        self.require_server_in_room(origin, &p.room, Some(id))?;
+        Ok(raw)
+    }
+
+    /// Walk `prev_events` back from `from`, stopping at `stop`, collecting at most `limit`
+    /// events of depth ≥ `min_depth`; `include_start` keeps the starting events themselves.
+    fn walk_back(
+        &self,
+        room: &RoomId,
+        from: &[OwnedEventId],
+        stop: &BTreeSet<OwnedEventId>,
+        limit: usize,
+        min_depth: u64,
+        include_start: bool,
+    ) -> Result<Vec<(Pdu, Box<RawValue>)>> {
+        let mut out: BTreeMap<OwnedEventId, (Pdu, Box<RawValue>)> = BTreeMap::new();
+        let mut seen: BTreeSet<OwnedEventId> = BTreeSet::new();
+        let mut frontier: Vec<OwnedEventId> = Vec::new();
+        for id in from {
+            if include_start {
+                frontier.push(id.clone());
+            } else if let Some((p, _)) = self.raw_pdu(id)? {
+                frontier.extend(p.prev_events);
+            }
+        }
+        // Breadth first, newest (deepest) first, so a limited answer is the most recent gap.
+        while !frontier.is_empty() && out.len() < limit {
+            let mut next = Vec::new();
+            let mut layer: Vec<(Pdu, Box<RawValue>)> = Vec::new();
+            for id in frontier {
+                if stop.contains(&id) || !seen.insert(id.clone()) {
+                    continue;
+                }
+                if let Some((p, raw)) = self.raw_pdu(&id)? {
+                    if p.room == room && p.depth >= min_depth {
+                        layer.push((p, raw));
+                    }
+                }
+            }
+            layer.sort_by(|a, b| b.0.depth.cmp(&a.0.depth));
+            for (p, raw) in layer {
+                if out.len() >= limit {
+                    break;
+                }
+                next.extend(p.prev_events.iter().cloned());
+                out.insert(p.event_id.clone(), (p, raw));
+            }
+            frontier = next;
+        }
+        let mut v: Vec<_> = out.into_values().collect();
+        v.sort_by_key(|(p, _)| p.depth);
+        Ok(v)
+    }
+
+    /// `POST /get_missing_events/{roomId}`: events before `latest` and after `earliest`,
+    /// oldest first.
+    pub fn missing_events_for_server(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+        min_depth: u64,
+    ) -> Result<Vec<Box<RawValue>>> {
+        self.require_server_in_room(origin, room, latest.first().map(|e| e.as_ref()))?;
+        let stop: BTreeSet<OwnedEventId> = earliest.iter().cloned().collect();
+        let limit = limit.clamp(1, MAX_EVENTS_PER_ANSWER);
+        Ok(self.walk_back(room, latest, &stop, limit, min_depth, false)?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// `GET /backfill/{roomId}`: `v` and the events before them, newest first.
+    pub fn backfill_for_server(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        v: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Vec<Box<RawValue>>> {
+        self.require_server_in_room(origin, room, v.first().map(|e| e.as_ref()))?;
+        let limit = limit.clamp(1, MAX_EVENTS_PER_ANSWER);
+        let mut evs = self.walk_back(room, v, &BTreeSet::new(), limit, 0, true)?;
+        evs.reverse();
+        Ok(evs.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// `GET /state_ids/{roomId}?event_id=`: the state before the event and its auth chain.
+    pub fn state_ids_for_server(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        at: &EventId,
+    ) -> Result<(Vec<OwnedEventId>, Vec<OwnedEventId>)> {
+        self.require_server_in_room(origin, room, Some(at))?;
+        let stored = self.stored_pdu(at)?.ok_or_else(|| Error::NotFound("event not found".into()))?;
+        if stored.outlier {
+            return Err(Error::NotFound("no state known at that event".into()));
+        }
+        let state = self.state_of_group(stored.state_before)?;
+        let pdu_ids: Vec<OwnedEventId> = state.values().cloned().collect();
+        let chain = self.auth_chain(pdu_ids.iter().cloned())?;
+        Ok((pdu_ids, chain.into_iter().collect()))
+    }
+
+    /// `GET /state/{roomId}?event_id=`: like `state_ids`, with the events themselves.
+    pub fn state_for_server(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        at: &EventId,
+    ) -> Result<(Vec<Box<RawValue>>, Vec<Box<RawValue>>)> {
+        let (pdus, chain) = self.state_ids_for_server(origin, room, at)?;
+        let load = |ids: Vec<OwnedEventId>| -> Result<Vec<Box<RawValue>>> {
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some((_, r)) = self.raw_pdu(&id)? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        };
+        Ok((load(pdus)?, load(chain)?))
+    }
+}
