@@ -48,10 +48,7 @@ impl Default for MeshSettings {
     fn default() -> Self {
         MeshSettings {
             enabled: true,
-            listen: vec![
-                "/ip4/0.0.0.0/udp/8448/quic-v1".to_owned(),
-                "/ip4/0.0.0.0/tcp/8448".to_owned(),
-            ],
+            listen: vec!["/ip4/0.0.0.0/udp/8448/quic-v1".to_owned(), "/ip4/0.0.0.0/tcp/8448".to_owned()],
             peers: Vec::new(),
             mdns: true,
             mdns_interfaces: Vec::new(),

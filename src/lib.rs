@@ -34,7 +34,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod identity;
-pub mod net;
 pub mod media;
+pub mod net;
 pub mod server;
 pub mod store;

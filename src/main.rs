@@ -143,14 +143,22 @@ fn query(q: QueryArgs, path: &str) -> ExitCode {
     let token_path = q.data_dir.join(outpost::server::OPERATOR_TOKEN_FILE);
     let token = match std::fs::read_to_string(&token_path) {
         Ok(t) => t.trim().to_owned(),
-        Err(e) => return fail(1, format!("cannot read {}: {e} (is a node running with this data dir?)", token_path.display())),
+        Err(e) => {
+            return fail(
+                1,
+                format!("cannot read {}: {e} (is a node running with this data dir?)", token_path.display()),
+            )
+        }
     };
     let mut stream = match std::net::TcpStream::connect(&q.client_addr) {
         Ok(s) => s,
         Err(e) => return fail(1, format!("cannot reach the node at {}: {e}", q.client_addr)),
     };
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n", q.client_addr);
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        q.client_addr
+    );
     let mut resp = String::new();
     if let Err(e) = stream.write_all(req.as_bytes()).and_then(|_| stream.read_to_string(&mut resp)) {
         return fail(1, format!("request failed: {e}"));
@@ -159,7 +167,8 @@ fn query(q: QueryArgs, path: &str) -> ExitCode {
     if !head.starts_with("HTTP/1.1 200") {
         return fail(1, format!("the node answered: {} {}", head.lines().next().unwrap_or(""), body.trim()));
     }
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
     match serde_json::from_str::<serde_json::Value>(&body) {
         Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),
         Err(_) => println!("{body}"),

@@ -129,7 +129,11 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     core.set_operator_token(operator_token(&dir)?);
     let mesh_config = if config.mesh.enabled {
         let parse = |v: &[String]| -> Result<Vec<libp2p::Multiaddr>, StartError> {
-            v.iter().map(|a| a.parse().map_err(|e: libp2p::multiaddr::Error| StartError::Multiaddr(a.clone(), e.to_string()))).collect()
+            v.iter()
+                .map(|a| {
+                    a.parse().map_err(|e: libp2p::multiaddr::Error| StartError::Multiaddr(a.clone(), e.to_string()))
+                })
+                .collect()
         };
         Some(crate::net::mesh::MeshConfig {
             listen: parse(&config.mesh.listen)?,

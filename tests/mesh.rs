@@ -65,9 +65,12 @@ async fn two_nodes_over_quic_invite_join_and_message_both_ways() {
     })
     .await;
     assert_eq!(got, (0..10).map(|i| format!("a{i}")).collect::<Vec<_>>());
-    bob.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/r"), &json!({"msgtype": "m.text", "body": "hello alice"}))
-        .await
-        .ok();
+    bob.put(
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/r"),
+        &json!({"msgtype": "m.text", "body": "hello alice"}),
+    )
+    .await
+    .ok();
     poll_until(Duration::from_secs(20), "bob's reply at alice", || async {
         sync_bodies(&alice, &room).await.contains(&"hello alice".to_owned()).then_some(())
     })
@@ -91,7 +94,8 @@ async fn offline_node_catches_up_after_restart() {
     let (_, alice_token) = Api::new(&a).register("alice", "pw").await;
     let (bob_id, bob_token) = Api::new(&b).register("bob", "pw").await;
     let alice = Api::with_token(&a, alice_token);
-    let room = alice.post("/_matrix/client/v3/createRoom", &json!({})).await.ok()["room_id"].as_str().unwrap().to_owned();
+    let room =
+        alice.post("/_matrix/client/v3/createRoom", &json!({})).await.ok()["room_id"].as_str().unwrap().to_owned();
     poll_until(Duration::from_secs(20), "invite delivered", || async {
         let r = alice.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), &json!({"user_id": bob_id})).await;
         (r.status == 200).then_some(())

@@ -15,7 +15,8 @@ use crate::core::Error;
 /// Add the routes.
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
     r.route("/_outpost/v1/status", get(get_status_route))
-        .route("/_outpost/v1/peers", get(get_peers_route)).route("/_outpost/v1/pdu/{event_id}", get(get_pdu_route))
+        .route("/_outpost/v1/peers", get(get_peers_route))
+        .route("/_outpost/v1/pdu/{event_id}", get(get_pdu_route))
 }
 
 fn auth(s: &AppState, parts: &Parts) -> Result<(ruma::OwnedUserId, ruma::OwnedDeviceId), Error> {
@@ -47,9 +48,9 @@ pub async fn get_peers_route(State(s): State<AppState>, parts: Parts) -> ApiResu
         }
     }
     for (dest, st, depth) in s.core.destinations()? {
-        let e = out.entry(dest.to_string()).or_insert_with(|| {
-            serde_json::json!({"server_name": dest, "connected": false, "addresses": []})
-        });
+        let e = out
+            .entry(dest.to_string())
+            .or_insert_with(|| serde_json::json!({"server_name": dest, "connected": false, "addresses": []}));
         e["queue_depth"] = serde_json::json!(depth);
         e["delivery_failures"] = serde_json::json!(st.failures);
         e["retry_at_ms"] = serde_json::json!(st.retry_at_ms);

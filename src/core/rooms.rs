@@ -587,7 +587,11 @@ impl Core {
         let mut forks = Vec::new();
         let mut max_depth = 0;
         for prev in prev_events {
-            let stored = self.stored_pdu(prev)?.ok_or_else(|| Error::NotFound(format!("unknown prev event {prev}")))?;
+            let stored = match self.stored_pdu(prev)? {
+                Some(s) if !s.outlier => s,
+                // An outlier has no known state: it cannot anchor a new event.
+                _ => return Err(Error::NotFound(format!("unknown prev event {prev}"))),
+            };
             let pdu = Pdu::from_json(prev.clone(), &stored.json)?;
             if pdu.room != room_id {
                 return Err(Error::InvalidParam(format!("prev event {prev} is in another room")));
@@ -736,7 +740,9 @@ impl Core {
         if self.room(room_id)?.is_some() {
             drop(_guard);
             let id = join.event_id.clone();
-            return match self.store_remote_pdu(room_id, &rules, join, None).await? {
+            // The send_join answer says what the state before our join is; our own copy of the
+            // room may not have reached the resident's extremities yet.
+            return match self.store_remote_pdu(room_id, &rules, join, Some(state)).await? {
                 super::federation::receive::PduOutcome::Rejected(why) => Err(Error::Forbidden(why)),
                 _ => {
                     tracing::debug!(event_id = %id, "joined a room already known");

@@ -27,6 +27,8 @@ pub struct LocalNetwork {
 #[derive(Default)]
 struct Inner {
     routers: BTreeMap<OwnedServerName, Router>,
+    /// Cores to tell when a link comes back (as a real connection would).
+    cores: BTreeMap<OwnedServerName, std::sync::Weak<crate::core::Core>>,
     /// Cut links, as unordered pairs (a < b).
     cut: BTreeSet<(OwnedServerName, OwnedServerName)>,
 }
@@ -50,6 +52,16 @@ impl LocalNetwork {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).routers.insert(name.to_owned(), router);
     }
 
+    /// Attach a node's core too, so restoring a link flushes both queues at once (what a new
+    /// libp2p connection does in production).
+    pub fn attach_core(&self, core: &Arc<crate::core::Core>) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cores
+            .insert(core.server_name().to_owned(), Arc::downgrade(core));
+    }
+
     /// Remove a node (it crashed or left).
     pub fn detach(&self, name: &ServerName) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).routers.remove(name);
@@ -57,11 +69,22 @@ impl LocalNetwork {
 
     /// Cut (`up = false`) or restore the link between two nodes.
     pub fn set_link(&self, a: &ServerName, b: &ServerName, up: bool) {
-        let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (ca, cb) = {
+            let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if up {
+                i.cut.remove(&pair(a, b));
+            } else {
+                i.cut.insert(pair(a, b));
+            }
+            (i.cores.get(a).and_then(|w| w.upgrade()), i.cores.get(b).and_then(|w| w.upgrade()))
+        };
         if up {
-            i.cut.remove(&pair(a, b));
-        } else {
-            i.cut.insert(pair(a, b));
+            if let Some(c) = ca {
+                c.peer_up(b);
+            }
+            if let Some(c) = cb {
+                c.peer_up(a);
+            }
         }
     }
 

@@ -200,7 +200,15 @@ impl Mesh {
             let _ = swarm.dial(p.to_owned());
         }
         let mdns = if config.mdns { Some(start_mdns(&config, local_peer_id, tx.clone())?) } else { None };
-        tasks.push(tokio::spawn(run_swarm(swarm, rx, core, peers.clone(), listen_addrs.clone(), mdns.clone(), local_peer_id)));
+        tasks.push(tokio::spawn(run_swarm(
+            swarm,
+            rx,
+            core,
+            peers.clone(),
+            listen_addrs.clone(),
+            mdns.clone(),
+            local_peer_id,
+        )));
         Ok(Mesh { local_peer_id, control, commands: tx, peers, listen_addrs, mdns, tasks })
     }
 
@@ -466,7 +474,10 @@ impl Transport for MeshTransport {
                     let _ = conn.await;
                 });
                 let (mut parts, body) = req.into_parts();
-                parts.headers.insert(http::header::HOST, http::HeaderValue::from_str(dest.as_str()).map_err(|e| failed(e.to_string()))?);
+                parts.headers.insert(
+                    http::header::HOST,
+                    http::HeaderValue::from_str(dest.as_str()).map_err(|e| failed(e.to_string()))?,
+                );
                 let res = sender
                     .send_request(http::Request::from_parts(parts, Full::new(body)))
                     .await
@@ -485,12 +496,18 @@ impl Transport for MeshTransport {
 }
 
 /// Start mDNS: advertise this node and browse for others, only on the chosen interfaces.
-fn start_mdns(config: &MeshConfig, me: PeerId, commands: mpsc::Sender<Command>) -> Result<mdns_sd::ServiceDaemon, MeshError> {
+fn start_mdns(
+    config: &MeshConfig,
+    me: PeerId,
+    commands: mpsc::Sender<Command>,
+) -> Result<mdns_sd::ServiceDaemon, MeshError> {
     use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
     let daemon = ServiceDaemon::new().map_err(|e| MeshError::Mdns(e.to_string()))?;
     // Narrow the daemon to the chosen interfaces before it advertises or browses anything.
     if config.mdns_interfaces.is_empty() {
-        daemon.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6]).map_err(|e| MeshError::Mdns(e.to_string()))?;
+        daemon
+            .disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])
+            .map_err(|e| MeshError::Mdns(e.to_string()))?;
     } else {
         daemon.disable_interface(IfKind::All).map_err(|e| MeshError::Mdns(e.to_string()))?;
         for name in &config.mdns_interfaces {
@@ -501,7 +518,8 @@ fn start_mdns(config: &MeshConfig, me: PeerId, commands: mpsc::Sender<Command>) 
     tokio::spawn(async move {
         while let Ok(ev) = events.recv_async().await {
             let ServiceEvent::ServiceResolved(info) = ev else { continue };
-            let Some(peer) = info.txt_properties.get_property_val_str("p").and_then(|p| p.parse::<PeerId>().ok()) else {
+            let Some(peer) = info.txt_properties.get_property_val_str("p").and_then(|p| p.parse::<PeerId>().ok())
+            else {
                 continue;
             };
             if peer == me {
@@ -543,7 +561,11 @@ fn advertise(daemon: &mdns_sd::ServiceDaemon, me: PeerId, addrs: &[Multiaddr]) {
                     _ => {}
                 }
             }
-            if want_quic == quic { port } else { None }
+            if want_quic == quic {
+                port
+            } else {
+                None
+            }
         })
     };
     let (Some(quic), tcp) = (port_of(true), port_of(false)) else { return };

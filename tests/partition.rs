@@ -1,0 +1,197 @@
+//! Three nodes on the in-process network, real sled in temp dirs. The mesh splits into
+//! {A} | {B, C}; each side changes the room's state (topic, power levels, join rules, a ban,
+//! the name) and talks; when the links come back every node must hold the same resolved state
+//! and every message.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use outpost::{
+    config::Config,
+    core::{pdu::PduTemplate, rooms::CreateRoomSpec, Core},
+    net::local::LocalNetwork,
+    server,
+};
+use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId};
+use serde_json::{json, Value};
+
+struct N {
+    node: server::Node,
+    _dir: tempfile::TempDir,
+}
+
+impl N {
+    fn core(&self) -> &Arc<Core> {
+        &self.node.core
+    }
+}
+
+async fn node(net: &Arc<LocalNetwork>) -> N {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.data_dir = dir.path().to_path_buf();
+    config.client_addr = "127.0.0.1:0".parse().unwrap();
+    config.mesh.enabled = false;
+    let n = server::start(config).await.unwrap();
+    net.attach(n.core.server_name(), n.federation.clone());
+    net.attach_core(&n.core);
+    n.core.set_transport(net.transport(n.core.server_name()));
+    N { node: n, _dir: dir }
+}
+
+fn state(kind: &str, key: &str, content: Value) -> PduTemplate {
+    PduTemplate { kind: TimelineEventType::from(kind), content, state_key: Some(key.into()), redacts: None }
+}
+
+fn msg(body: &str) -> PduTemplate {
+    PduTemplate {
+        kind: TimelineEventType::RoomMessage,
+        content: json!({"msgtype": "m.text", "body": body}),
+        state_key: None,
+        redacts: None,
+    }
+}
+
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Every event id of `room` in `core`'s timeline.
+fn timeline(core: &Core, room: &OwnedRoomId, user: &OwnedUserId) -> BTreeSet<OwnedEventId> {
+    let device = ruma::OwnedDeviceId::from("CHECK");
+    let filter = ruma::api::client::filter::RoomEventFilter::default();
+    let mut out = BTreeSet::new();
+    let mut from = None;
+    loop {
+        let page = core
+            .messages(user, &device, room, from, None, outpost::core::sync::Direction::Backward, 100, &filter)
+            .unwrap();
+        for e in &page.chunk {
+            out.insert(OwnedEventId::try_from(e["event_id"].as_str().unwrap()).unwrap());
+        }
+        match page.end {
+            Some(t) => from = Some(outpost::core::sync::parse_token(&t).unwrap()),
+            None => return out,
+        }
+    }
+}
+
+async fn partition_then_heal(version: RoomVersionId) {
+    let net = LocalNetwork::new();
+    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
+    let alice = a.core().register("alice", None).await.unwrap();
+    let bob = b.core().register("bob", None).await.unwrap();
+    let carol = c.core().register("carol", None).await.unwrap();
+    let dave = c.core().register("dave", None).await.unwrap();
+    let spec = CreateRoomSpec {
+        version: Some(version.clone()),
+        preset: Some("public_chat".into()),
+        topic: Some("original".into()),
+        ..Default::default()
+    };
+    let room = a.core().create_room(&alice, spec).await.unwrap();
+    let via = vec![a.core().server_name().to_owned()];
+    b.core().join_remote(&bob, &room, &via).await.unwrap();
+    c.core().join_remote(&carol, &room, &via).await.unwrap();
+    // C is in the room now: dave joins locally.
+    c.core().set_membership(&dave, &room, &dave, "join", None, None).await.unwrap();
+    // Bob becomes an admin, before the split, and everyone sees it.
+    let mut pl = a.core().state_event(&room, "m.room.power_levels", "").unwrap().unwrap().content_value();
+    pl["users"][bob.as_str()] = json!(100);
+    a.core().send_event(&alice, None, &room, state("m.room.power_levels", "", pl), None).await.unwrap();
+    eventually("everyone has bob's power", || {
+        [&b, &c]
+            .iter()
+            .all(|n| {
+                n.core()
+                    .state_event(&room, "m.room.power_levels", "")
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| p.content_value()["users"][bob.as_str()] == json!(100))
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Split: A alone; B and C together.
+    for other in [b.core().server_name(), c.core().server_name()] {
+        net.set_link(a.core().server_name(), other, false);
+    }
+    let mut sent = Vec::new();
+    // Side A: topic, join rule, a ban, messages.
+    a.core()
+        .send_event(&alice, None, &room, state("m.room.topic", "", json!({"topic": "A side"})), None)
+        .await
+        .unwrap();
+    a.core()
+        .send_event(&alice, None, &room, state("m.room.join_rules", "", json!({"join_rule": "invite"})), None)
+        .await
+        .unwrap();
+    a.core().set_membership(&alice, &room, &dave, "ban", Some("partition test".into()), None).await.unwrap();
+    for i in 0..5 {
+        sent.push(a.core().send_event(&alice, None, &room, msg(&format!("alice {i}")), None).await.unwrap());
+    }
+    // Side B/C: another topic, power for carol, a name by carol, messages.
+    b.core().send_event(&bob, None, &room, state("m.room.topic", "", json!({"topic": "B side"})), None).await.unwrap();
+    let mut pl = b.core().state_event(&room, "m.room.power_levels", "").unwrap().unwrap().content_value();
+    pl["users"][carol.as_str()] = json!(50);
+    b.core().send_event(&bob, None, &room, state("m.room.power_levels", "", pl), None).await.unwrap();
+    eventually("carol's power reaches C", || {
+        c.core()
+            .state_event(&room, "m.room.power_levels", "")
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.content_value()["users"][carol.as_str()] == json!(50))
+            .then_some(())
+    })
+    .await;
+    c.core().send_event(&carol, None, &room, state("m.room.name", "", json!({"name": "C side"})), None).await.unwrap();
+    for i in 0..5 {
+        sent.push(b.core().send_event(&bob, None, &room, msg(&format!("bob {i}")), None).await.unwrap());
+        sent.push(c.core().send_event(&carol, None, &room, msg(&format!("carol {i}")), None).await.unwrap());
+    }
+
+    // Heal.
+    for other in [b.core().server_name(), c.core().server_name()] {
+        net.set_link(a.core().server_name(), other, true);
+    }
+    let members = [(&a, &alice), (&b, &bob), (&c, &carol)];
+    eventually("identical state and every message everywhere", || {
+        let states: Vec<_> = members.iter().map(|(n, _)| n.core().current_state(&room).unwrap()).collect();
+        let same = states.windows(2).all(|w| w[0] == w[1]);
+        let all_msgs = members.iter().all(|(n, u)| {
+            let tl = timeline(n.core(), &room, u);
+            sent.iter().all(|e| tl.contains(e))
+        });
+        (same && all_msgs).then_some(())
+    })
+    .await;
+    // The resolved state keeps both sides' non-conflicting changes.
+    let core = a.core();
+    assert_eq!(core.membership(&room, &dave).unwrap().as_deref(), Some("ban"), "{version}");
+    let jr = core.state_event(&room, "m.room.join_rules", "").unwrap().unwrap().content_value();
+    assert_eq!(jr["join_rule"], "invite");
+    let name = core.state_event(&room, "m.room.name", "").unwrap().unwrap().content_value();
+    assert_eq!(name["name"], "C side");
+    let topic = core.state_event(&room, "m.room.topic", "").unwrap().unwrap().content_value();
+    assert!(topic["topic"] == "A side" || topic["topic"] == "B side", "{topic}");
+    for n in [a, b, c] {
+        n.node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_heals_to_identical_state_v12() {
+    partition_then_heal(RoomVersionId::V12).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_heals_to_identical_state_v10() {
+    partition_then_heal(RoomVersionId::V10).await;
+}
