@@ -197,7 +197,7 @@ impl Mesh {
         }
         let statics: Vec<PeerId> = lock(&peers).keys().copied().collect();
         for p in &statics {
-            let _ = swarm.dial(p.to_owned());
+            let _ = dial_known(&mut swarm, &peers, *p);
         }
         let mdns = if config.mdns { Some(start_mdns(&config, local_peer_id, tx.clone())?) } else { None };
         tasks.push(tokio::spawn(run_swarm(
@@ -287,7 +287,7 @@ async fn run_swarm(
                         let first = !waiting.contains_key(&peer);
                         waiting.entry(peer).or_default().push(reply);
                         if first {
-                            if let Err(e) = swarm.dial(peer) {
+                            if let Err(e) = dial_known(&mut swarm, &peers, peer) {
                                 for r in waiting.remove(&peer).unwrap_or_default() {
                                     let _ = r.send(Err(e.to_string()));
                                 }
@@ -313,14 +313,16 @@ async fn run_swarm(
                     }
                     if is_new && !swarm.is_connected(&peer) {
                         tracing::info!(%peer, source, "peer discovered");
-                        let _ = swarm.dial(peer);
+                        if let Err(e) = dial_known(&mut swarm, &peers, peer) {
+                            tracing::debug!(%peer, error = %e, "cannot dial discovered peer");
+                        }
                     }
                 }
             },
             _ = redial.tick() => {
                 let down: Vec<PeerId> = lock(&peers).iter().filter(|(_, i)| !i.connected).map(|(p, _)| *p).collect();
                 for p in down {
-                    let _ = swarm.dial(p);
+                    let _ = dial_known(&mut swarm, &peers, p);
                 }
             }
             ev = swarm.select_next_some() => match ev {
@@ -387,7 +389,9 @@ async fn run_swarm(
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                     let mut ps = lock(&peers);
                     let e = ps.entry(peer_id).or_insert_with(|| new_info(&peer_id, "identify"));
-                    for a in info.listen_addrs.iter().filter(|a| !is_unspecified(a)) {
+                    // A peer's loopback addresses are only ours to dial if we share its host.
+                    let same_host = e.addresses.iter().any(|a| a.contains("/127.0.0.1/") || a.contains("/::1/"));
+                    for a in info.listen_addrs.iter().filter(|a| !is_unspecified(a) && (same_host || !is_loopback(a))) {
                         e.addresses.insert(a.to_string());
                     }
                 }
@@ -401,6 +405,25 @@ async fn run_swarm(
             }
         }
     }
+}
+
+/// Dial `peer` at every address we know for it (the swarm keeps no address book of its own).
+fn dial_known(swarm: &mut Swarm<Behaviour>, peers: &PeerTable, peer: PeerId) -> Result<(), String> {
+    let addrs: Vec<Multiaddr> =
+        lock(peers).get(&peer).map(|i| i.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default();
+    if addrs.is_empty() {
+        return Err("no known address".into());
+    }
+    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+    swarm.dial(opts).map_err(|e| e.to_string())
+}
+
+fn is_loopback(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 fn is_unspecified(a: &Multiaddr) -> bool {
