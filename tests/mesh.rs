@@ -107,6 +107,7 @@ async fn offline_node_catches_up_after_restart() {
     })
     .await;
 
+    let since = bob.get("/_matrix/client/v3/sync").await.ok()["next_batch"].as_str().unwrap().to_owned();
     b.kill();
     for i in 0..120 {
         alice
@@ -127,4 +128,19 @@ async fn offline_node_catches_up_after_restart() {
     })
     .await;
     assert_eq!(all, (0..120).map(|i| format!("while away {i}")).collect::<Vec<_>>());
+    // The client that was syncing before the gap gets a limited timeline it can fill from
+    // prev_batch.
+    let s = bob.get(&format!("/_matrix/client/v3/sync?since={since}")).await.ok();
+    let tl = &s["rooms"]["join"][&room]["timeline"];
+    assert_eq!(tl["limited"], true, "{tl}");
+    let prev_batch = tl["prev_batch"].as_str().expect("prev_batch").to_owned();
+    let newest: Vec<&str> =
+        tl["events"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(newest.last().copied(), Some("while away 119"));
+    let older = common::paginate_all(&bob, &room, "b", Some(&prev_batch), 50).await;
+    let older_bodies: Vec<String> =
+        older.iter().rev().filter_map(|e| e["content"]["body"].as_str().map(String::from)).collect();
+    let mut joined: Vec<String> = older_bodies.into_iter().filter(|b| b.starts_with("while away")).collect();
+    joined.extend(newest.iter().map(|s| s.to_string()));
+    assert_eq!(joined, (0..120).map(|i| format!("while away {i}")).collect::<Vec<_>>(), "gap-free through prev_batch");
 }
