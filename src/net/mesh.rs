@@ -47,6 +47,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 /// Inbound federation requests served at once.
 const MAX_INBOUND_STREAMS: usize = 64;
+/// Most peers remembered (disconnected ones are forgotten first).
+const MAX_PEERS: usize = 1024;
 /// Bound of the command queue into the swarm task.
 const COMMAND_QUEUE: usize = 256;
 
@@ -104,6 +106,15 @@ pub struct PeerInfo {
     pub source: String,
     /// Last time it was seen connected (ms since the epoch).
     pub last_seen_ms: u64,
+    /// When it was first discovered (ms).
+    #[serde(skip)]
+    pub discovered_ms: u64,
+    /// Re-dial backoff while disconnected (ms).
+    #[serde(skip)]
+    dial_backoff_ms: u64,
+    /// Not re-dialled before this time (ms).
+    #[serde(skip)]
+    next_dial_ms: u64,
 }
 
 enum Command {
@@ -253,6 +264,7 @@ fn new_info(p: &PeerId, source: &str) -> PeerInfo {
         peer_id: p.to_string(),
         server_name: server_of_peer_id(p).map(|s| s.to_string()).unwrap_or_default(),
         source: source.to_owned(),
+        discovered_ms: now_ms(),
         ..Default::default()
     }
 }
@@ -306,10 +318,17 @@ async fn run_swarm(
                         for a in &addrs {
                             e.addresses.insert(a.to_string());
                         }
+                        // Rediscovery: dial again now, whatever the backoff said.
+                        e.dial_backoff_ms = 0;
+                        e.next_dial_ms = 0;
                         e.addresses.len() != before || !e.connected
                     };
                     for a in addrs {
                         swarm.add_peer_address(peer, a);
+                    }
+                    // A (re)discovered peer gets its queue flushed without waiting for backoff.
+                    if let Some(server) = server_of_peer_id(&peer) {
+                        core.peer_up(&server);
                     }
                     if is_new && !swarm.is_connected(&peer) {
                         tracing::info!(%peer, source, "peer discovered");
@@ -320,8 +339,27 @@ async fn run_swarm(
                 }
             },
             _ = redial.tick() => {
-                let down: Vec<PeerId> = lock(&peers).iter().filter(|(_, i)| !i.connected).map(|(p, _)| *p).collect();
-                for p in down {
+                // Disconnected peers are re-dialled with a per-peer backoff (10 s doubling to
+                // 10 min); peers gone for a day are forgotten, and the table is bounded.
+                let now = now_ms();
+                let mut due = Vec::new();
+                {
+                    let mut ps = lock(&peers);
+                    ps.retain(|_, i| i.connected || i.source == "static" || now.saturating_sub(i.last_seen_ms.max(i.discovered_ms)) < 24 * 3600 * 1000);
+                    while ps.len() > MAX_PEERS {
+                        let oldest = ps.iter().filter(|(_, i)| !i.connected).min_by_key(|(_, i)| i.last_seen_ms).map(|(p, _)| *p);
+                        match oldest {
+                            Some(p) => ps.remove(&p),
+                            None => break,
+                        };
+                    }
+                    for (p, i) in ps.iter_mut().filter(|(_, i)| !i.connected && i.next_dial_ms <= now) {
+                        i.dial_backoff_ms = (i.dial_backoff_ms * 2).clamp(10_000, 600_000);
+                        i.next_dial_ms = now + i.dial_backoff_ms;
+                        due.push(*p);
+                    }
+                }
+                for p in due {
                     let _ = dial_known(&mut swarm, &peers, p);
                 }
             }
@@ -348,6 +386,8 @@ async fn run_swarm(
                         let e = ps.entry(peer_id).or_insert_with(|| new_info(&peer_id, source));
                         e.connected = true;
                         e.last_seen_ms = now_ms();
+                        e.dial_backoff_ms = 0;
+                        e.next_dial_ms = 0;
                         if endpoint.is_dialer() {
                             e.addresses.insert(endpoint.get_remote_address().to_string());
                         }
