@@ -158,6 +158,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Mesh {
     /// Start the mesh for `core`, serving `federation` to peers.
     pub async fn start(core: Arc<Core>, federation: Router, config: MeshConfig) -> Result<Mesh, MeshError> {
+        let boot: u64 = rand::random();
         let key = identity::Keypair::ed25519_from_bytes(core.identity().seed())
             .map_err(|e| MeshError::Build(e.to_string()))?;
         let local_peer_id = key.public().to_peer_id();
@@ -167,7 +168,12 @@ impl Mesh {
             .map_err(|e| MeshError::Build(e.to_string()))?
             .with_quic()
             .with_behaviour(|k| Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new("/outpost/1".into(), k.public())),
+                // The agent version carries a per-start nonce, so a restarted peer can be told
+                // apart from a second connection of the same run (see the Identify event).
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/outpost/1".into(), k.public())
+                        .with_agent_version(format!("outpost/{} boot/{boot}", env!("CARGO_PKG_VERSION"))),
+                ),
                 // A ping every 15 s keeps NAT/firewall state and measures the round trip; idle
                 // cost is a few bytes.
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
@@ -284,7 +290,7 @@ async fn run_swarm(
     me: PeerId,
 ) {
     let mut waiting: BTreeMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> = BTreeMap::new();
-    let mut conns: BTreeMap<PeerId, libp2p::swarm::ConnectionId> = BTreeMap::new();
+    let mut conns: BTreeMap<PeerId, BTreeMap<libp2p::swarm::ConnectionId, Option<String>>> = BTreeMap::new();
     // Re-dial known peers that dropped, at most every 10 s (an idle mesh stays quiet).
     let mut redial = tokio::time::interval(Duration::from_secs(10));
     redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -372,13 +378,7 @@ async fn run_swarm(
                     }
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
-                    // Keep only the newest connection to a peer: an older one may be a corpse
-                    // (the peer restarted) that would swallow streams until it times out.
-                    if let Some(old) = conns.insert(peer_id, connection_id) {
-                        if old != connection_id {
-                            swarm.close_connection(old);
-                        }
-                    }
+                    conns.entry(peer_id).or_default().insert(connection_id, None);
                     let server = server_of_peer_id(&peer_id);
                     {
                         let mut ps = lock(&peers);
@@ -399,15 +399,15 @@ async fn run_swarm(
                         peer = %peer_id, server = ?server, address = %endpoint.get_remote_address(),
                         connections = num_established.get(), "peer connected"
                     );
-                    // Every new connection counts: a peer that restarted may reconnect before
-                    // the old connection has timed out here.
-                    if let Some(s) = server {
-                        core.peer_up(&s);
-                    }
+                    // The queue is flushed once identify has run on this connection (below), after
+                    // any connection of the peer's previous run is closed.
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
-                    if conns.get(&peer_id) == Some(&connection_id) {
-                        conns.remove(&peer_id);
+                    if let Some(cs) = conns.get_mut(&peer_id) {
+                        cs.remove(&connection_id);
+                        if cs.is_empty() {
+                            conns.remove(&peer_id);
+                        }
                     }
                     if num_established > 0 {
                         continue;
@@ -426,7 +426,25 @@ async fn run_swarm(
                     }
                     tracing::debug!(peer = %p, error = %error, "dial failed");
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, connection_id, info })) => {
+                    // A peer that restarted reconnects while its old connection still looks
+                    // alive here; that corpse would swallow streams until it times out. The
+                    // boot nonce in the agent version tells them apart: close connections of an
+                    // earlier run of the peer.
+                    let boot = info.agent_version.rsplit_once("boot/").map(|(_, b)| b.to_owned());
+                    if let Some(cs) = conns.get_mut(&peer_id) {
+                        cs.insert(connection_id, boot.clone());
+                        let stale: Vec<_> =
+                            cs.iter().filter(|(c, b)| **c != connection_id && b.is_some() && **b != boot).map(|(c, _)| *c).collect();
+                        for c in stale {
+                            tracing::debug!(peer = %peer_id, "closing a connection from the peer's previous run");
+                            swarm.close_connection(c);
+                        }
+                    }
+                    // The link works: reset the destination's backoff and flush its queue.
+                    if let Some(s) = server_of_peer_id(&peer_id) {
+                        core.peer_up(&s);
+                    }
                     let mut ps = lock(&peers);
                     let e = ps.entry(peer_id).or_insert_with(|| new_info(&peer_id, "identify"));
                     // A peer's loopback addresses are only ours to dial if we share its host.
