@@ -18,7 +18,7 @@ pub struct Config {
     /// Address the client-server API listens on. Default `127.0.0.1:8008` (this device only).
     pub client_addr: SocketAddr,
     /// Log filter, a `tracing_subscriber::EnvFilter` directive such as `info,outpost=debug`;
-    /// `RUST_LOG` overrides it. Default `info`.
+    /// `RUST_LOG` overrides it. Default `info,ruma_state_res=warn` (ruma logs every auth check at info).
     pub log: String,
     /// Whether new accounts may be created with `/register`. Default `true`.
     pub registration_enabled: bool,
@@ -121,7 +121,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./outpost-data"),
             client_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 8008)),
-            log: "info".to_owned(),
+            log: "info,ruma_state_res=warn".to_owned(),
             registration_enabled: true,
             limits: Limits::default(),
             mesh: MeshSettings::default(),
@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.data_dir, PathBuf::from("./outpost-data"));
         assert_eq!(c.client_addr.to_string(), "127.0.0.1:8008");
-        assert_eq!((c.log.as_str(), c.registration_enabled), ("info", true));
+        assert_eq!((c.log.as_str(), c.registration_enabled), ("info,ruma_state_res=warn", true));
         assert_eq!(c.limits.max_request_bytes, 1_048_576);
         assert_eq!(c.limits.sled_cache_bytes, 8_388_608);
         assert_eq!(c.limits.max_upload_bytes, 52_428_800);
