@@ -1,21 +1,15 @@
 //! Two nodes in one process on the in-process network: invite, join and messages both ways
 //! through the real federation code (signed requests, receipt checks, durable queues).
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
-use outpost::{config::Config, net::local::LocalNetwork, server};
+use outpost::{net::local::LocalNetwork, server};
 use serde_json::{json, Value};
 
 async fn node(net: &Arc<LocalNetwork>) -> (server::Node, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.client_addr = "127.0.0.1:0".parse().unwrap();
-    config.mesh.enabled = false; // the in-process network carries federation here
-    let n = server::start(config).await.unwrap();
-    net.attach(n.core.server_name(), n.federation.clone());
-    n.core.set_transport(net.transport(n.core.server_name()));
-    (n, dir)
+    common::inproc_node(net).await
 }
 
 struct User {

@@ -3,12 +3,13 @@
 //! violations, an origin that isn't the connected peer, oversized events, absurd `prev_events`
 //! lists, oversized transactions. Every one is refused, and A keeps serving its users.
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
 use outpost::{
     api::ruma_wrapper::AuthenticatedPeer,
-    config::Config,
     core::{
         pdu::{build_and_sign, rules_for, DagPosition, PduTemplate},
         rooms::CreateRoomSpec,
@@ -29,15 +30,7 @@ use serde_json::{json, value::RawValue, Value};
 use tower::ServiceExt;
 
 async fn node(net: &Arc<LocalNetwork>) -> (server::Node, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.client_addr = "127.0.0.1:0".parse().unwrap();
-    config.mesh.enabled = false;
-    let n = server::start(config).await.unwrap();
-    net.attach(n.core.server_name(), n.federation.clone());
-    n.core.set_transport(net.transport(n.core.server_name()));
-    (n, dir)
+    common::inproc_node(net).await
 }
 
 /// Send a transaction to `victim`, signed with `signer` claiming `origin`, over a connection

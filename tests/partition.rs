@@ -3,10 +3,11 @@
 //! the name) and talks; when the links come back every node must hold the same resolved state
 //! and every message.
 
+mod common;
+
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use outpost::{
-    config::Config,
     core::{pdu::PduTemplate, rooms::CreateRoomSpec, Core},
     net::local::LocalNetwork,
     server,
@@ -26,16 +27,8 @@ impl N {
 }
 
 async fn node(net: &Arc<LocalNetwork>) -> N {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.client_addr = "127.0.0.1:0".parse().unwrap();
-    config.mesh.enabled = false;
-    let n = server::start(config).await.unwrap();
-    net.attach(n.core.server_name(), n.federation.clone());
-    net.attach_core(&n.core);
-    n.core.set_transport(net.transport(n.core.server_name()));
-    N { node: n, _dir: dir }
+    let (node, dir) = common::inproc_node(net).await;
+    N { node, _dir: dir }
 }
 
 fn state(kind: &str, key: &str, content: Value) -> PduTemplate {

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Mutex};
 
-use super::{sled_store::successor, Batch, Entry, KvStore, Op, StoreResult, Tree};
+use super::{full_key, scan_bounds, Batch, Entry, KvStore, Op, StoreResult, Tree};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -19,12 +19,6 @@ struct Inner {
     live: Map,
     /// `(key, value before)` for every write since the last flush, oldest first.
     undo: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-}
-
-fn full_key(tree: Tree, key: &[u8]) -> Vec<u8> {
-    let mut k = vec![tree.prefix()];
-    k.extend_from_slice(key);
-    k
 }
 
 impl MemoryStore {
@@ -76,19 +70,7 @@ impl KvStore for MemoryStore {
         reverse: bool,
         limit: usize,
     ) -> StoreResult<Vec<Entry>> {
-        let p = full_key(tree, prefix);
-        let lo = match from {
-            Some(f) if f > prefix => full_key(tree, f),
-            _ => p.clone(),
-        };
-        let p_end = successor(&p);
-        let hi = match to {
-            Some(t) => std::cmp::min(full_key(tree, t), p_end),
-            None => p_end,
-        };
-        if lo >= hi {
-            return Ok(Vec::new());
-        }
+        let Some((lo, hi)) = scan_bounds(tree, prefix, from, to) else { return Ok(Vec::new()) };
         let inner = self.lock();
         let range = inner.live.range(lo..hi).map(|(k, v)| (k[1..].to_vec(), v.clone()));
         Ok(if reverse { range.rev().take(limit).collect() } else { range.take(limit).collect() })

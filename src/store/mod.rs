@@ -249,6 +249,48 @@ pub trait KvStore: Send + Sync + 'static {
     }
 }
 
+/// `key` prefixed with its tree's byte: the key as a backend stores it (every tree lives in one
+/// keyspace, so a batch across trees is one atomic backend batch).
+pub(crate) fn full_key(tree: Tree, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(tree.prefix());
+    k.extend_from_slice(key);
+    k
+}
+
+/// The smallest key greater than every key starting with `p` (p's first byte is a tree byte
+/// below 0xff, so there always is one).
+pub(crate) fn successor(p: &[u8]) -> Vec<u8> {
+    let mut s = p.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return s;
+        }
+    }
+    vec![0xff; p.len() + 1]
+}
+
+/// The backend key range `[lo, hi)` of a [`KvStore::scan`], or `None` when it is empty.
+pub(crate) fn scan_bounds(
+    tree: Tree,
+    prefix: &[u8],
+    from: Option<&[u8]>,
+    to: Option<&[u8]>,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let p = full_key(tree, prefix);
+    let lo = match from {
+        Some(f) if f > prefix => full_key(tree, f),
+        _ => p.clone(),
+    };
+    let p_end = successor(&p);
+    let hi = match to {
+        Some(t) => std::cmp::min(full_key(tree, t), p_end),
+        None => p_end,
+    };
+    (lo < hi).then_some((lo, hi))
+}
+
 /// Builds composite keys: parts separated by `0xff`, which never occurs in UTF-8 text.
 pub fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());

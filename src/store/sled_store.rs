@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{Batch, Entry, KvStore, Op, StoreError, StoreResult, Tree};
+use super::{full_key, scan_bounds, Batch, Entry, KvStore, Op, StoreError, StoreResult, Tree};
 
 /// sled-backed [`KvStore`].
 pub struct SledStore {
@@ -31,26 +31,6 @@ impl SledStore {
             })?;
         Ok(Self { db })
     }
-}
-
-fn full_key(tree: Tree, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(tree.prefix());
-    k.extend_from_slice(key);
-    k
-}
-
-/// The smallest key greater than every key starting with `p` (p's last byte is never all 0xff
-/// because it starts with a tree byte < 0xff).
-pub(super) fn successor(p: &[u8]) -> Vec<u8> {
-    let mut s = p.to_vec();
-    while let Some(last) = s.pop() {
-        if last < 0xff {
-            s.push(last + 1);
-            return s;
-        }
-    }
-    vec![0xff; p.len() + 1]
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -82,19 +62,7 @@ impl KvStore for SledStore {
         reverse: bool,
         limit: usize,
     ) -> StoreResult<Vec<Entry>> {
-        let p = full_key(tree, prefix);
-        let lo = match from {
-            Some(f) if f > prefix => full_key(tree, f),
-            _ => p.clone(),
-        };
-        let p_end = successor(&p);
-        let hi = match to {
-            Some(t) => std::cmp::min(full_key(tree, t), p_end),
-            None => p_end,
-        };
-        if lo >= hi {
-            return Ok(Vec::new());
-        }
+        let Some((lo, hi)) = scan_bounds(tree, prefix, from, to) else { return Ok(Vec::new()) };
         let iter = self.db.range(lo..hi);
         let mut out = Vec::new();
         let mut push = |r: sled::Result<(sled::IVec, sled::IVec)>| -> StoreResult<bool> {

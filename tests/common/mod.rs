@@ -524,3 +524,18 @@ pub async fn first_page(api: &Api, room_id: &str, dir: &str, limit: u32) -> Vec<
     let res = api.get(&path).await.ok();
     res["chunk"].as_array().cloned().unwrap_or_else(|| panic!("no chunk in /messages: {res}"))
 }
+
+/// A node in this process on the in-process network `net` (federation without sockets), with
+/// real sled in a temp dir and its client API on a free loopback port; the mesh is off.
+pub async fn inproc_node(net: &std::sync::Arc<outpost::net::local::LocalNetwork>) -> (outpost::server::Node, TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = outpost::config::Config::default();
+    config.data_dir = dir.path().to_path_buf();
+    config.client_addr = "127.0.0.1:0".parse().expect("address");
+    config.mesh.enabled = false; // the in-process network carries federation here
+    let n = outpost::server::start(config).await.expect("node starts");
+    net.attach(n.core.server_name(), n.federation.clone());
+    net.attach_core(&n.core);
+    n.core.set_transport(net.transport(n.core.server_name()));
+    (n, dir)
+}
