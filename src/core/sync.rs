@@ -67,7 +67,8 @@ pub struct MessagesPage {
     pub state: Vec<JsonValue>,
 }
 
-const STRIPPED_TYPES: [&str; 7] = [
+/// The state events shown (stripped) to invitees, here and over federation with an invite.
+pub(crate) const STRIPPED_TYPES: [&str; 7] = [
     "m.room.create",
     "m.room.join_rules",
     "m.room.name",

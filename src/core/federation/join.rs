@@ -44,15 +44,7 @@ impl Core {
     fn invite_room_state(&self, room: &RoomId) -> Result<Vec<RawStrippedState>> {
         let state = self.current_state(room)?;
         let mut out = Vec::new();
-        for t in [
-            "m.room.create",
-            "m.room.join_rules",
-            "m.room.name",
-            "m.room.avatar",
-            "m.room.canonical_alias",
-            "m.room.encryption",
-            "m.room.topic",
-        ] {
+        for t in crate::core::sync::STRIPPED_TYPES {
             if let Some(id) = state.get(&(t.to_owned(), String::new())) {
                 if let Some(s) = self.stored_pdu(id)? {
                     out.push(RawStrippedState::Pdu(
