@@ -31,8 +31,13 @@ use tokio::task::JoinHandle;
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn node(net: &Arc<LocalNetwork>) -> (server::Node, tempfile::TempDir) {
+    node_with(net, |_| {}).await
+}
+
+async fn node_with(net: &Arc<LocalNetwork>, tweak: impl FnOnce(&mut Config)) -> (server::Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
+    tweak(&mut config);
     config.data_dir = dir.path().to_path_buf();
     config.client_addr = "127.0.0.1:0".parse().unwrap();
     config.mesh.enabled = false; // the in-process network carries federation here
@@ -575,6 +580,50 @@ async fn keys_device_lists_and_to_device_across_nodes() {
     assert_eq!(events[0]["sender"], alice.id.as_str());
     assert_eq!(events[0]["content"]["secret"], "hello bob");
     let _ = room;
+
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// B's durable EDU queue for A holds 2 entries; while the link is down Bob makes 4 device-list
+/// changes, so updates are dropped. A sees the gap in Bob's stream ids, marks its cached list
+/// stale, and fetches it whole on the next query: the device whose updates were lost shows up
+/// with its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_device_list_updates_are_repaired_by_a_refetch() {
+    let net = LocalNetwork::new();
+    let (a, _da) = node(&net).await;
+    let (b, _db) = node_with(&net, |c| c.limits.edu_durable_per_destination_max = 2).await;
+    let (an, bn) = (a.core.server_name().to_owned(), b.core.server_name().to_owned());
+    let alice = User::register(&a, "alice").await;
+    let bob = User::register(&b, "bob").await;
+    upload_device_keys(&bob, "b1").await;
+    shared_room(&alice, &bob, json!({"preset": "private_chat"})).await;
+    assert_eq!(devices_of(&alice.query_keys(&bob.id).await, &bob.id), vec![bob.device.clone()]);
+
+    net.set_link(&an, &bn, false);
+    let bob2 = bob.login().await; // 1: a new device
+    upload_device_keys(&bob2, "b2").await; // 2: its keys
+    for name in ["first name", "final name"] {
+        // 3, 4: renames of the first device
+        let path = format!("/_matrix/client/v3/devices/{}", enc(&bob.device));
+        bob.ok(reqwest::Method::PUT, &path, json!({"display_name": name})).await;
+    }
+    assert!(b.core.edu_queue_depth(&an).unwrap() <= 2, "the durable queue is bounded");
+    net.set_link(&an, &bn, true);
+    b.core.peer_up(&an); // what the mesh does when a peer reconnects
+
+    let q = poll("A to learn of bob's second device", || async {
+        let q = alice.query_keys(&bob.id).await;
+        (devices_of(&q, &bob.id).len() == 2).then_some(q)
+    })
+    .await;
+    assert_eq!(q["device_keys"][&bob.id][&bob2.device]["keys"][format!("curve25519:{}", bob2.device)], "curve-b2", "{q}");
+    poll("the final name at A", || async {
+        let q = alice.query_keys(&bob.id).await;
+        (q["device_keys"][&bob.id][&bob.device]["unsigned"]["device_display_name"] == "final name").then_some(())
+    })
+    .await;
 
     a.stop().await.unwrap();
     b.stop().await.unwrap();

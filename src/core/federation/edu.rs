@@ -639,3 +639,50 @@ impl Core {
         self.send_to_device(&c.sender, &device, &c.ev_type.to_string(), c.message_id.as_str(), messages).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn typing(room: &str, user: &str) -> EphemeralKey {
+        EphemeralKey::Typing(RoomId::parse(room).unwrap(), UserId::parse(user).unwrap())
+    }
+
+    fn receipt(room: &str, user: &str) -> EphemeralKey {
+        EphemeralKey::Receipt(RoomId::parse(room).unwrap(), UserId::parse(user).unwrap(), String::new())
+    }
+
+    #[test]
+    fn ephemeral_queue_coalesces_and_drops_the_oldest_typing_first() {
+        let fed = FedState::default();
+        let dest = OwnedServerName::try_from("example.org").unwrap();
+        let dests = BTreeSet::from([dest.clone()]);
+        let push = |k: EphemeralKey, n: u32| fed.push_ephemeral(&dests, k, json!({"n": n}), 3);
+        push(typing("!a:x", "@u:x"), 1);
+        push(receipt("!a:x", "@u:x"), 2);
+        push(typing("!b:x", "@u:x"), 3);
+        // A newer notification for the same room and user replaces the waiting one.
+        push(typing("!a:x", "@u:x"), 4);
+        // Full: the oldest typing notification (3) goes, the receipt stays.
+        push(receipt("!b:x", "@v:x"), 5);
+        assert!(fed.has_ephemeral(&dest));
+        let got: Vec<u64> = fed.take_ephemeral(&dest, 10).iter().map(|e| e["n"].as_u64().unwrap()).collect();
+        assert_eq!(got, vec![2, 4, 5]);
+        assert!(!fed.has_ephemeral(&dest));
+        // Only receipts: the oldest one goes.
+        for n in 0..4 {
+            push(receipt("!a:x", &format!("@u{n}:x")), n);
+        }
+        let got: Vec<u64> = fed.take_ephemeral(&dest, 2).iter().map(|e| e["n"].as_u64().unwrap()).collect();
+        assert_eq!(got, vec![1, 2]);
+        assert_eq!(fed.take_ephemeral(&dest, 2).len(), 1);
+    }
+
+    #[test]
+    fn queue_keys_sort_by_position_then_index() {
+        let d = &*ServerName::parse("example.org").unwrap();
+        assert!(queue_key(d, 1, 7) < queue_key(d, 2, 0));
+        assert!(queue_key(d, 2, 0) < queue_key(d, 2, 1));
+        assert!(queue_key(d, 2, 0).starts_with(&prefix(&[d.as_bytes()])));
+    }
+}
