@@ -192,7 +192,11 @@ async fn shared_room(alice: &User, bob: &User, create: Value) -> String {
     let r = alice.ok(reqwest::Method::POST, "/_matrix/client/v3/createRoom", create).await;
     let room = r["room_id"].as_str().unwrap().to_owned();
     alice
-        .ok(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), json!({"user_id": bob.id}))
+        .ok(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            json!({"user_id": bob.id}),
+        )
         .await;
     poll("the invite", || async { bob.sync(None, 0).await["rooms"]["invite"][&room].is_object().then_some(()) }).await;
     bob.ok(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await;
@@ -302,8 +306,12 @@ async fn profiles_and_room_directory_of_the_other_node() {
     let bob = User::register(&b, "bob").await;
 
     // Profiles: asked of the user's own node.
-    bob.ok(reqwest::Method::PUT, &format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob.id)), json!({"displayname": "Bob on B"}))
-        .await;
+    bob.ok(
+        reqwest::Method::PUT,
+        &format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob.id)),
+        json!({"displayname": "Bob on B"}),
+    )
+    .await;
     let p = alice.ok(reqwest::Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&bob.id)), Value::Null).await;
     assert_eq!(p["displayname"], "Bob on B", "{p}");
     let p = alice
@@ -329,16 +337,23 @@ async fn profiles_and_room_directory_of_the_other_node() {
         rooms.push(r["room_id"].as_str().unwrap().to_owned());
     }
     let a_name = server_of(&alice.id).to_owned();
-    let list = bob.ok(reqwest::Method::GET, &format!("/_matrix/client/v3/publicRooms?server={a_name}"), Value::Null).await;
+    let list =
+        bob.ok(reqwest::Method::GET, &format!("/_matrix/client/v3/publicRooms?server={a_name}"), Value::Null).await;
     let ids: Vec<&str> = list["chunk"].as_array().unwrap().iter().map(|r| r["room_id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 2, "{list}");
     assert!(rooms.iter().all(|r| ids.contains(&r.as_str())), "{list}");
     assert_eq!(list["total_room_count_estimate"], 2);
-    let page = bob.ok(reqwest::Method::GET, &format!("/_matrix/client/v3/publicRooms?server={a_name}&limit=1"), Value::Null).await;
+    let page = bob
+        .ok(reqwest::Method::GET, &format!("/_matrix/client/v3/publicRooms?server={a_name}&limit=1"), Value::Null)
+        .await;
     assert_eq!(page["chunk"].as_array().unwrap().len(), 1);
     let next = page["next_batch"].as_str().expect("a second page");
     let page2 = bob
-        .ok(reqwest::Method::GET, &format!("/_matrix/client/v3/publicRooms?server={a_name}&limit=1&since={next}"), Value::Null)
+        .ok(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/publicRooms?server={a_name}&limit=1&since={next}"),
+            Value::Null,
+        )
         .await;
     assert_ne!(page2["chunk"][0]["room_id"], page["chunk"][0]["room_id"]);
     let found = bob
@@ -427,11 +442,14 @@ async fn media_uploaded_on_one_node_downloads_on_the_other() {
     // A PNG: its thumbnail on B comes from the original fetched from A.
     let img = image::RgbaImage::from_fn(64, 48, |x, y| image::Rgba([x as u8 * 3, y as u8 * 5, 90, 255]));
     let mut png = Vec::new();
-    image::DynamicImage::ImageRgba8(img).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    image::DynamicImage::ImageRgba8(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     let png_mxc = upload(&alice, "image/png", "pic.png", png.clone()).await;
     let png_path = png_mxc.strip_prefix("mxc://").unwrap().to_owned();
     let (st, h, thumb) =
-        get_bytes(&bob, &format!("/_matrix/client/v1/media/thumbnail/{png_path}?width=16&height=16&method=scale")).await;
+        get_bytes(&bob, &format!("/_matrix/client/v1/media/thumbnail/{png_path}?width=16&height=16&method=scale"))
+            .await;
     assert_eq!(st, 200, "{}", String::from_utf8_lossy(&thumb));
     assert!(h["content-type"].to_str().unwrap().starts_with("image/"), "{h:?}");
     let t = image::load_from_memory(&thumb).expect("thumbnail decodes");
@@ -452,7 +470,8 @@ async fn media_uploaded_on_one_node_downloads_on_the_other() {
     assert!(again == png, "cached png differs");
     // Not cached and unreachable: an error, not a hang.
     let other = upload(&alice, "text/plain", "x.txt", b"never fetched".to_vec()).await;
-    let (st, _, _) = get_bytes(&bob, &format!("/_matrix/client/v1/media/download/{}", other.strip_prefix("mxc://").unwrap())).await;
+    let (st, _, _) =
+        get_bytes(&bob, &format!("/_matrix/client/v1/media/download/{}", other.strip_prefix("mxc://").unwrap())).await;
     assert_ne!(st, 200);
 
     a.stop().await.unwrap();
@@ -618,7 +637,11 @@ async fn dropped_device_list_updates_are_repaired_by_a_refetch() {
         (devices_of(&q, &bob.id).len() == 2).then_some(q)
     })
     .await;
-    assert_eq!(q["device_keys"][&bob.id][&bob2.device]["keys"][format!("curve25519:{}", bob2.device)], "curve-b2", "{q}");
+    assert_eq!(
+        q["device_keys"][&bob.id][&bob2.device]["keys"][format!("curve25519:{}", bob2.device)],
+        "curve-b2",
+        "{q}"
+    );
     poll("the final name at A", || async {
         let q = alice.query_keys(&bob.id).await;
         (q["device_keys"][&bob.id][&bob.device]["unsigned"]["device_display_name"] == "final name").then_some(())

@@ -688,7 +688,8 @@ impl Core {
                     );
                 }
                 let p = pos();
-                let mut changes: Vec<DeviceListEdu<'_>> = own_devices.iter().map(|d| DeviceListEdu::Device(d)).collect();
+                let mut changes: Vec<DeviceListEdu<'_>> =
+                    own_devices.iter().map(|d| DeviceListEdu::Device(d)).collect();
                 if own_master {
                     changes.push(DeviceListEdu::SigningKeys);
                 }

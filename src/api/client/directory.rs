@@ -38,7 +38,12 @@ pub async fn set_room_visibility_route(
 }
 
 /// A page of this server's room directory (client and federation `publicRooms`).
-pub(crate) fn page(s: &AppState, limit: Option<usize>, since: Option<&str>, term: Option<&str>) -> Result<Value, Error> {
+pub(crate) fn page(
+    s: &AppState,
+    limit: Option<usize>,
+    since: Option<&str>,
+    term: Option<&str>,
+) -> Result<Value, Error> {
     let mut rooms = Vec::new();
     for room in s.core.published_rooms()? {
         let entry = s.core.public_room_entry(&room)?;

@@ -16,7 +16,10 @@ use serde_json::{json, Value};
 use crate::api::{error::ApiResult, ruma_wrapper::Ruma, AppState};
 
 /// # `GET /_matrix/federation/v1/user/devices/{userId}`
-pub async fn get_devices_route(State(s): State<AppState>, body: Ruma<get_devices::v1::Request>) -> ApiResult<Json<Value>> {
+pub async fn get_devices_route(
+    State(s): State<AppState>,
+    body: Ruma<get_devices::v1::Request>,
+) -> ApiResult<Json<Value>> {
     body.origin()?;
     Ok(Json(s.core.devices_for_server(&body.body.user_id)?))
 }
@@ -30,7 +33,10 @@ pub async fn get_keys_route(State(s): State<AppState>, body: Ruma<get_keys::v1::
 /// # `POST /_matrix/federation/v1/user/keys/claim`
 ///
 /// One one-time key (or the fallback key) per requested device of this server's users.
-pub async fn claim_keys_route(State(s): State<AppState>, body: Ruma<claim_keys::v1::Request>) -> ApiResult<Json<Value>> {
+pub async fn claim_keys_route(
+    State(s): State<AppState>,
+    body: Ruma<claim_keys::v1::Request>,
+) -> ApiResult<Json<Value>> {
     body.origin()?;
     let me = s.core.server_name();
     let claims: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, String>> = body

@@ -7,7 +7,9 @@ use axum::{
 };
 use bytes::Bytes;
 use ruma::{
-    api::federation::authenticated_media::{get_content, get_content_thumbnail, Content, ContentMetadata, FileOrLocation},
+    api::federation::authenticated_media::{
+        get_content, get_content_thumbnail, Content, ContentMetadata, FileOrLocation,
+    },
     http_headers::{ContentDisposition, ContentDispositionType},
     media::Method,
     ServerName,
@@ -41,7 +43,8 @@ pub async fn get_content_route(State(s): State<AppState>, body: Ruma<get_content
         Err(e) => return Err(Error::Internal(e.to_string()).into()),
     };
     let content_type = content.content_type.as_deref().unwrap_or("application/octet-stream");
-    let disposition = ContentDisposition::new(ContentDispositionType::Attachment).with_filename(content.filename.clone());
+    let disposition =
+        ContentDisposition::new(ContentDispositionType::Attachment).with_filename(content.filename.clone());
     Ok(file_response(bytes.to_vec(), content_type, disposition))
 }
 
@@ -76,12 +79,18 @@ pub async fn get_content_thumbnail_route(
 /// The content of `mxc://server_name/media_id` of another server: from the local cache, or
 /// fetched from its origin over federation and cached (bytes in the media store, bounded by
 /// `limits.max_upload_bytes`; record in the core).
-pub(crate) async fn remote_media_content(s: &AppState, server_name: &str, media_id: &str) -> Result<MediaContent, ApiError> {
+pub(crate) async fn remote_media_content(
+    s: &AppState,
+    server_name: &str,
+    media_id: &str,
+) -> Result<MediaContent, ApiError> {
     let server = <&ServerName>::try_from(server_name).map_err(|_| Error::NotFound("media not found".into()))?;
     if let Some(c) = s.core.remote_media(server, media_id)? {
         match s.media.store().open(&c.sha256).await {
             Ok(Some(_)) => return Ok(c),
-            Ok(None) => tracing::warn!(%server, media_id, "cached remote media missing from the media store; fetching again"),
+            Ok(None) => {
+                tracing::warn!(%server, media_id, "cached remote media missing from the media store; fetching again")
+            }
             Err(e) => return Err(Error::Internal(e.to_string()).into()),
         }
     }

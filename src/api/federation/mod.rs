@@ -37,8 +37,11 @@ pub fn router(state: AppState) -> Router {
     let r = ruma_route!(r, f::keys::get_keys::v1::Request, keys::get_keys_route);
     let r = ruma_route!(r, f::keys::claim_keys::v1::Request, keys::claim_keys_route);
     let r = ruma_route!(r, f::directory::get_public_rooms::v1::Request, directory::get_public_rooms_route);
-    let r =
-        ruma_route!(r, f::directory::get_public_rooms_filtered::v1::Request, directory::get_public_rooms_filtered_route);
+    let r = ruma_route!(
+        r,
+        f::directory::get_public_rooms_filtered::v1::Request,
+        directory::get_public_rooms_filtered_route
+    );
     let r = ruma_route!(r, f::authenticated_media::get_content::v1::Request, media::get_content_route);
     let r =
         ruma_route!(r, f::authenticated_media::get_content_thumbnail::v1::Request, media::get_content_thumbnail_route);

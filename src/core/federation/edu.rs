@@ -305,7 +305,14 @@ impl Core {
     }
 
     /// Tell the other servers in `room` about local `user`'s public read receipt.
-    pub(crate) fn queue_receipt_edu(&self, room: &RoomId, user: &UserId, event: &EventId, thread: Option<&str>, ts: u64) {
+    pub(crate) fn queue_receipt_edu(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        event: &EventId,
+        thread: Option<&str>,
+        ts: u64,
+    ) {
         if user.server_name() != self.server_name() {
             return;
         }
@@ -406,7 +413,8 @@ impl Core {
                 match self.device(&user_id, &device_id)? {
                     None => content["deleted"] = json!(true),
                     Some(rec) => {
-                        let q = self.query_keys(&user_id, &BTreeMap::from([(user_id.clone(), vec![device_id.clone()])]))?;
+                        let q =
+                            self.query_keys(&user_id, &BTreeMap::from([(user_id.clone(), vec![device_id.clone()])]))?;
                         let mut keys = q["device_keys"][user_id.as_str()][device_id.as_str()].clone();
                         if let Some(o) = keys.as_object_mut() {
                             o.remove("unsigned");
@@ -440,7 +448,7 @@ impl Core {
         let max_pdus = super::sender::MAX_PDUS_PER_TXN;
         let entries = self.store.scan_prefix(Tree::FedQueue, &prefix(&[dest.as_bytes()]), max_pdus)?;
         for (k, v) in entries {
-            let id = EventId::parse(String::from_utf8_lossy(&v).into_owned()).map_err(|e| Error::Internal(e.to_string()))?;
+            let id = EventId::parse(&*String::from_utf8_lossy(&v)).map_err(|e| Error::Internal(e.to_string()))?;
             if let Some(stored) = self.stored_pdu(&id)? {
                 txn.pdus.push(RawValue::from_string(stored.json).map_err(|e| Error::Internal(e.to_string()))?);
             }

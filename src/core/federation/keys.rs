@@ -183,7 +183,7 @@ impl Core {
     /// `since` (`u64::MAX`: now).
     fn shares_room_since(&self, user: &UserId, since: u64) -> Result<bool> {
         for room in self.known_rooms()? {
-            if !self.join_pos(&room, user)?.is_some_and(|p| p <= since) {
+            if self.join_pos(&room, user)?.is_none_or(|p| p > since) {
                 continue;
             }
             for (m, _) in self.members(&room)? {
@@ -260,7 +260,12 @@ impl Core {
             stream_id: u64::from(res.stream_id),
             fetched_pos,
             stale: false,
-            master_key: res.master_key.as_ref().map(raw_json).transpose()?.and_then(|k| checked_cross_signing_key(k, user)),
+            master_key: res
+                .master_key
+                .as_ref()
+                .map(raw_json)
+                .transpose()?
+                .and_then(|k| checked_cross_signing_key(k, user)),
             self_signing_key: res
                 .self_signing_key
                 .as_ref()
@@ -270,8 +275,10 @@ impl Core {
         };
         let p = prefix(&[user.as_bytes()]);
         let old_devices = self.store.scan_prefix(Tree::RemoteDevices, &p, usize::MAX)?;
-        let before: BTreeMap<Vec<u8>, &[u8]> = old_devices.iter().map(|(k, v)| (k[p.len()..].to_vec(), &v[..])).collect();
-        let after: BTreeMap<Vec<u8>, Vec<u8>> = devices.iter().map(|(d, r)| (d.as_bytes().to_vec(), to_json(r))).collect();
+        let before: BTreeMap<Vec<u8>, &[u8]> =
+            old_devices.iter().map(|(k, v)| (k[p.len()..].to_vec(), &v[..])).collect();
+        let after: BTreeMap<Vec<u8>, Vec<u8>> =
+            devices.iter().map(|(d, r)| (d.as_bytes().to_vec(), to_json(r))).collect();
         let same_devices = before.len() == after.len() && after.iter().all(|(d, v)| before.get(d) == Some(&&v[..]));
         let changed = old.as_ref().is_some_and(|o| {
             !same_devices || o.master_key != rec.master_key || o.self_signing_key != rec.self_signing_key
@@ -319,7 +326,8 @@ impl Core {
                 if stream_id < rec.stream_id {
                     return Ok(()); // older than what we have
                 }
-                let keys_ok = keys.as_ref().is_none_or(|k| checked_device_keys(k.clone(), user, &c.device_id).is_some());
+                let keys_ok =
+                    keys.as_ref().is_none_or(|k| checked_device_keys(k.clone(), user, &c.device_id).is_some());
                 if c.prev_id.iter().all(|p| u64::from(*p) <= rec.stream_id) && keys_ok {
                     let k = key(&[user.as_bytes(), c.device_id.as_bytes()]);
                     if c.deleted == Some(true) {
@@ -342,7 +350,11 @@ impl Core {
     }
 
     /// Apply an `m.signing_key_update` from `origin`.
-    pub(crate) async fn receive_signing_key_update(&self, origin: &ServerName, c: SigningKeyUpdateContent) -> Result<()> {
+    pub(crate) async fn receive_signing_key_update(
+        &self,
+        origin: &ServerName,
+        c: SigningKeyUpdateContent,
+    ) -> Result<()> {
         let user = &c.user_id;
         if user.server_name() != origin || origin == self.server_name() {
             return Err(Error::Forbidden(format!("{origin} cannot update the keys of {user}")));
@@ -351,7 +363,8 @@ impl Core {
             return Ok(());
         }
         let master = c.master_key.as_ref().map(raw_json).transpose()?.and_then(|k| checked_cross_signing_key(k, user));
-        let ssk = c.self_signing_key.as_ref().map(raw_json).transpose()?.and_then(|k| checked_cross_signing_key(k, user));
+        let ssk =
+            c.self_signing_key.as_ref().map(raw_json).transpose()?.and_then(|k| checked_cross_signing_key(k, user));
         let lock = self.fed.remote_user_lock(user);
         let _guard = lock.lock().await;
         self.commit(Batch::new(), |b, pos, _| {
@@ -405,7 +418,8 @@ impl Core {
                 }
             }
         }
-        let resyncs = join_all(resync.iter().map(|(u, _)| tokio::time::timeout(timeout, self.resync_remote_devices(u))));
+        let resyncs =
+            join_all(resync.iter().map(|(u, _)| tokio::time::timeout(timeout, self.resync_remote_devices(u))));
         let queries = join_all(by_server.iter().map(|(server, users)| {
             tokio::time::timeout(timeout, self.federation_request(server, get_keys::v1::Request::new(users.clone())))
         }));
@@ -472,9 +486,12 @@ impl Core {
         claims: &BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, String>>,
         timeout: Option<Duration>,
     ) -> Result<JsonValue> {
-        let (local, remote): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            claims.iter().map(|(u, d)| (u.clone(), d.clone())).partition(|(u, _)| u.server_name() == self.server_name());
-        let mut claimed: ClaimedKeys = if local.is_empty() { ClaimedKeys::new() } else { self.claim_keys(&local).await? };
+        let (local, remote): (BTreeMap<_, _>, BTreeMap<_, _>) = claims
+            .iter()
+            .map(|(u, d)| (u.clone(), d.clone()))
+            .partition(|(u, _)| u.server_name() == self.server_name());
+        let mut claimed: ClaimedKeys =
+            if local.is_empty() { ClaimedKeys::new() } else { self.claim_keys(&local).await? };
         let mut by_server: BTreeMap<OwnedServerName, claim_keys::v1::OneTimeKeyClaims> = BTreeMap::new();
         for (u, devices) in remote {
             let m = devices.into_iter().map(|(d, alg)| (d, OneTimeKeyAlgorithm::from(alg.as_str()))).collect();
@@ -506,7 +523,12 @@ impl Core {
                         continue;
                     }
                     for (kid, k) in keys {
-                        claimed.entry(u.clone()).or_default().entry(d.clone()).or_default().insert(kid.to_string(), raw_json(&k)?);
+                        claimed
+                            .entry(u.clone())
+                            .or_default()
+                            .entry(d.clone())
+                            .or_default()
+                            .insert(kid.to_string(), raw_json(&k)?);
                     }
                 }
             }

@@ -16,7 +16,7 @@ use ruma::{
 };
 
 use crate::{
-    core::{media::MediaContent, media::valid_media_id, to_json, Core, Error, Result},
+    core::{media::valid_media_id, media::MediaContent, to_json, Core, Error, Result},
     store::{key, Batch, Tree},
 };
 
@@ -74,7 +74,8 @@ impl Core {
                 if c.file.len() as u64 > max_bytes {
                     return Err(Error::TooLarge(format!("remote media is larger than the limit of {max_bytes} bytes")));
                 }
-                let filename = c.content_disposition.and_then(|d| d.filename).filter(|f| !f.is_empty() && f.len() <= 255);
+                let filename =
+                    c.content_disposition.and_then(|d| d.filename).filter(|f| !f.is_empty() && f.len() <= 255);
                 let content_type = c.content_type.filter(|t| !t.is_empty() && t.len() <= 255);
                 Ok(RemoteFile { bytes: c.file, content_type, filename })
             }

@@ -29,7 +29,11 @@ pub struct PublicRoomsQuery {
 
 impl Core {
     /// Run `fut` (a request to `server`) within the federation query timeout.
-    async fn within_timeout<T>(&self, server: &ServerName, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    async fn within_timeout<T>(
+        &self,
+        server: &ServerName,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let t = Duration::from_millis(self.limits.federation_query_timeout_ms);
         tokio::time::timeout(t, fut).await.map_err(|_| Error::Unknown(format!("{server} did not answer in time")))?
     }

@@ -205,8 +205,11 @@ impl Core {
             return Ok(!txn.pdu_keys.is_empty() || !txn.edu_keys.is_empty());
         }
         let ts = MilliSecondsSinceUnixEpoch(UInt::new(self.now_ms()).unwrap_or_default());
-        let mut req =
-            send_transaction_message::v1::Request::new(OwnedTransactionId::from(txn.id.clone()), self.server_name().to_owned(), ts);
+        let mut req = send_transaction_message::v1::Request::new(
+            OwnedTransactionId::from(txn.id.clone()),
+            self.server_name().to_owned(),
+            ts,
+        );
         req.pdus = txn.pdus.clone();
         req.edus = txn.edus.clone();
         let res = match self.federation_request(dest, req).await {
