@@ -470,9 +470,14 @@ async fn media_uploaded_on_one_node_downloads_on_the_other() {
     assert!(again == png, "cached png differs");
     // Not cached and unreachable: an error, not a hang.
     let other = upload(&alice, "text/plain", "x.txt", b"never fetched".to_vec()).await;
-    let (st, _, _) =
+    let (st, _, body) =
         get_bytes(&bob, &format!("/_matrix/client/v1/media/download/{}", other.strip_prefix("mxc://").unwrap())).await;
-    assert_ne!(st, 200);
+    assert_eq!(st, 404, "{}", String::from_utf8_lossy(&body));
+    // Back online, it comes.
+    net.set_link(a.core.server_name(), b.core.server_name(), true);
+    let (st, _, body) =
+        get_bytes(&bob, &format!("/_matrix/client/v1/media/download/{}", other.strip_prefix("mxc://").unwrap())).await;
+    assert_eq!((st, body.as_slice()), (200, &b"never fetched"[..]));
 
     a.stop().await.unwrap();
     b.stop().await.unwrap();

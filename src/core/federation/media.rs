@@ -66,9 +66,14 @@ impl Core {
             .await
             .map_err(|_| Error::Internal("remote media downloads are shut down".into()))?;
         let req = get_content::v1::Request::new(media_id.to_owned());
-        let res = tokio::time::timeout(REMOTE_MEDIA_TIMEOUT, self.federation_request(server, req))
-            .await
-            .map_err(|_| Error::Unknown(format!("{server} did not send the media in time")))??;
+        // For a client, media that cannot be fetched now is media that is not found (as for an
+        // unknown id); the message says why.
+        let res = match tokio::time::timeout(REMOTE_MEDIA_TIMEOUT, self.federation_request(server, req)).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(e @ (Error::NotFound(_) | Error::Store(_) | Error::Internal(_)))) => return Err(e),
+            Ok(Err(e)) => return Err(Error::NotFound(format!("media not available: {e}"))),
+            Err(_) => return Err(Error::NotFound(format!("media not available: {server} did not send it in time"))),
+        };
         match res.content {
             FileOrLocation::File(c) => {
                 if c.file.len() as u64 > max_bytes {
