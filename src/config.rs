@@ -114,6 +114,17 @@ pub struct Limits {
     /// One-time keys stored per device; an upload that would exceed it is refused with 400
     /// `M_INVALID_PARAM` (clients keep about 50). Default 200.
     pub one_time_keys_per_device_max: usize,
+    /// Typing and receipt notifications (EDUs) waiting in memory per destination server. When
+    /// full, the oldest typing notification is dropped (else the oldest receipt). Default 500.
+    pub edu_ephemeral_per_destination_max: usize,
+    /// Device-list, signing-key and to-device EDUs waiting in the store per destination server.
+    /// When full, the oldest is dropped with a warning (a dropped device-list update makes the
+    /// peer re-fetch the list; a dropped to-device message is lost). Default 10_000.
+    pub edu_durable_per_destination_max: usize,
+    /// Longest wait for other servers when a client asks for their users' keys, profiles or
+    /// room directory (ms); servers that do not answer in time are reported as failures.
+    /// Default 10_000.
+    pub federation_query_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -152,6 +163,9 @@ impl Default for Limits {
             to_device_inbox_max: 1000,
             to_device_per_sync_max: 100,
             one_time_keys_per_device_max: 200,
+            edu_ephemeral_per_destination_max: 500,
+            edu_durable_per_destination_max: 10_000,
+            federation_query_timeout_ms: 10_000,
         }
     }
 }

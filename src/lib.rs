@@ -21,11 +21,16 @@
 //!   `receipts.rs` (receipts, read markers, the ephemeral block of sync), `push.rs` (push
 //!   rules, pushers, unread counts), `relations.rs` (relation index, bundled aggregations,
 //!   `/relations`, `/threads`), `search.rs`, `tags.rs`, `presence.rs`, `user_directory.rs`.
+//! - `core/federation/` — the server-server protocol: `sender.rs` (durable queues, transactions),
+//!   `receive.rs` (PDU receipt checks), `join.rs`, `serve.rs`, `edu.rs` (typing, receipts,
+//!   device lists, to-device as EDUs), `keys.rs` (keys across servers, cached remote device
+//!   lists), `query.rs` (remote profiles and directories), `media.rs` (remote media cache).
 //! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
 //!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`; `uiaa.rs` is the
 //!   password stage of user-interactive auth), `server.rs` (server keys), `outpost.rs`
 //!   (`/_outpost/v1` status and PDU inspection), `middleware.rs` (CORS on every response, the
-//!   request log).
+//!   request log), `federation/` (the server-server router: transactions, membership, queries,
+//!   `keys.rs`, `directory.rs`, `media.rs`).
 
 #![warn(missing_docs)]
 

@@ -124,6 +124,9 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         to_device_per_sync_max: config.limits.to_device_per_sync_max,
         one_time_keys_per_device_max: config.limits.one_time_keys_per_device_max,
         txn_ids_per_device_max: config.limits.txn_ids_per_device_max,
+        edu_ephemeral_per_destination_max: config.limits.edu_ephemeral_per_destination_max,
+        edu_durable_per_destination_max: config.limits.edu_durable_per_destination_max,
+        federation_query_timeout_ms: config.limits.federation_query_timeout_ms,
     };
     let core = Core::open(store, identity, Arc::new(SystemClock), limits)?;
     core.set_operator_token(operator_token(&dir)?);

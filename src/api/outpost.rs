@@ -52,6 +52,7 @@ pub async fn get_peers_route(State(s): State<AppState>, parts: Parts) -> ApiResu
             .entry(dest.to_string())
             .or_insert_with(|| serde_json::json!({"server_name": dest, "connected": false, "addresses": []}));
         e["queue_depth"] = serde_json::json!(depth);
+        e["edu_queue_depth"] = serde_json::json!(s.core.edu_queue_depth(&dest)?);
         e["delivery_failures"] = serde_json::json!(st.failures);
         e["retry_at_ms"] = serde_json::json!(st.retry_at_ms);
         e["last_delivery_ms"] = serde_json::json!(st.last_ok_ms);

@@ -8,7 +8,7 @@
 use ruma::{DeviceId, OwnedDeviceId, UserId};
 use serde_json::{json, Value as JsonValue};
 
-use super::{to_json, u64_from, users::DeviceRecord, Core, Error, Result};
+use super::{federation::edu::DeviceListEdu, to_json, u64_from, users::DeviceRecord, Core, Error, Result};
 use crate::store::{key, Batch, Tree};
 
 /// Last-seen times are written at most this often per device (each write is a flush).
@@ -60,7 +60,9 @@ impl Core {
                 self.get_json(Tree::Devices, &dk)?.ok_or_else(|| Error::NotFound("unknown device".into()))?;
             rec.display_name = Some(name);
             b.put(Tree::Devices, dk.clone(), to_json(&rec));
-            self.stage_device_list_change(b, user, pos())
+            let p = pos();
+            self.stage_device_list_edus(b, user, &[DeviceListEdu::Device(device)], p)?;
+            self.stage_device_list_change(b, user, p)
         })
         .await
     }
@@ -88,6 +90,7 @@ impl Core {
         self.commit(Batch::new(), |b, pos, _| {
             let mut n = 0;
             let unique: std::collections::BTreeSet<&OwnedDeviceId> = devices.iter().collect();
+            let mut removed = Vec::new();
             for d in unique {
                 let dk = key(&[user.as_bytes(), d.as_bytes()]);
                 let Some(rec): Option<DeviceRecord> = self.get_json(Tree::Devices, &dk)? else { continue };
@@ -95,10 +98,13 @@ impl Core {
                 b.delete(Tree::Devices, dk.clone());
                 b.delete(Tree::DeviceLastSeen, dk);
                 self.stage_device_keys_removal(b, user, d)?;
+                removed.push(DeviceListEdu::Device(d));
                 n += 1;
             }
             if n > 0 {
-                self.stage_device_list_change(b, user, pos())?;
+                let p = pos();
+                self.stage_device_list_edus(b, user, &removed, p)?;
+                self.stage_device_list_change(b, user, p)?;
             }
             Ok(n)
         })

@@ -36,7 +36,7 @@ use ruma::{to_device::DeviceIdOrAllDevices, DeviceId, OwnedDeviceId, OwnedUserId
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as JsonValue};
 
-use super::{pdu, to_json, Core, Error, Result};
+use super::{federation::edu::DeviceListEdu, pdu, to_json, Core, Error, Result};
 use crate::store::{key, prefix, Batch, Tree};
 
 /// Cross-signing key usages, as stored.
@@ -363,7 +363,9 @@ impl Core {
                     let old: Option<JsonValue> = self.get_json(Tree::DeviceKeys, &k)?;
                     if old.as_ref() != Some(&dk) {
                         b.put(Tree::DeviceKeys, k, to_json(&dk));
-                        self.stage_device_list_change(b, user, pos())?;
+                        let p = pos();
+                        self.stage_device_list_edus(b, user, &[DeviceListEdu::Device(device)], p)?;
+                        self.stage_device_list_change(b, user, p)?;
                     }
                 }
                 let mut count = self
@@ -623,7 +625,9 @@ impl Core {
                     b.put(Tree::CrossSigningKeys, key(&[user.as_bytes(), usage.as_bytes()]), to_json(&k));
                 }
             }
-            self.stage_device_list_change(b, user, pos())
+            let p = pos();
+            self.stage_device_list_edus(b, user, &[DeviceListEdu::SigningKeys], p)?;
+            self.stage_device_list_change(b, user, p)
         })
         .await
     }
@@ -661,6 +665,20 @@ impl Core {
             }
         }
         if !accepted.is_empty() {
+            // Other servers see the user's own signatures: on a device (its keys change) or on the
+            // master key (a signing-key update). Signatures of other users' keys stay here.
+            let mut own_devices: BTreeSet<OwnedDeviceId> = BTreeSet::new();
+            let mut own_master = false;
+            for (target, key_id, _, _) in &accepted {
+                if target != sender {
+                    continue;
+                }
+                if self.device(sender, key_id.as_str().into())?.is_some() {
+                    own_devices.insert(OwnedDeviceId::from(key_id.as_str()));
+                } else {
+                    own_master = true;
+                }
+            }
             self.commit(Batch::new(), |b, pos, _| {
                 for (target, key_id, signer_key, sig) in accepted {
                     b.put(
@@ -669,7 +687,14 @@ impl Core {
                         to_json(&sig),
                     );
                 }
-                self.stage_device_list_change(b, sender, pos())
+                let p = pos();
+                let mut changes: Vec<DeviceListEdu<'_>> =
+                    own_devices.iter().map(|d| DeviceListEdu::Device(d)).collect();
+                if own_master {
+                    changes.push(DeviceListEdu::SigningKeys);
+                }
+                self.stage_device_list_edus(b, sender, &changes, p)?;
+                self.stage_device_list_change(b, sender, p)
             })
             .await?;
         }
@@ -770,9 +795,13 @@ impl Core {
                 return Ok(()); // already sent
             }
             let mut last = None;
+            // Users of other servers: one `m.direct_to_device` EDU per server (federation/edu.rs).
+            let mut remote: BTreeMap<ruma::OwnedServerName, BTreeMap<OwnedUserId, _>> = BTreeMap::new();
             for (user, targets) in messages {
                 if user.server_name() != self.server_name() {
-                    tracing::debug!(%user, "to-device message for a remote user dropped (no federation yet)");
+                    if sender.server_name() == self.server_name() {
+                        remote.entry(user.server_name().to_owned()).or_default().insert(user, targets);
+                    }
                     continue;
                 }
                 let known: BTreeSet<OwnedDeviceId> = self.devices(&user)?.into_iter().map(|(d, _)| d).collect();
@@ -806,6 +835,12 @@ impl Core {
                     let event = json!({"type": kind, "sender": sender, "content": content});
                     b.put(Tree::ToDevice, key(&[user.as_bytes(), d.as_bytes(), &pos_key(at)]), to_json(&event));
                 }
+            }
+            if !remote.is_empty() {
+                let at = pos();
+                last = Some(at);
+                let message_id = format!("{sender_device}.{txn_id}");
+                self.stage_remote_to_device(b, at, sender, kind, &message_id, remote)?;
             }
             // Remember the transaction id; forget the oldest beyond the bound.
             let tp = prefix(&[sender.as_bytes(), sender_device.as_bytes()]);

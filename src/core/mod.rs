@@ -153,6 +153,13 @@ pub struct Limits {
     pub one_time_keys_per_device_max: usize,
     /// `sendToDevice` transaction ids remembered per device.
     pub txn_ids_per_device_max: usize,
+    /// Typing and receipt EDUs waiting in memory per destination (see `federation/edu.rs`).
+    pub edu_ephemeral_per_destination_max: usize,
+    /// Device-list, signing-key and to-device EDUs waiting in the store per destination.
+    pub edu_durable_per_destination_max: usize,
+    /// Longest wait for other servers when answering `/keys/query`, `/keys/claim`, remote
+    /// profiles and directories (ms).
+    pub federation_query_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -172,6 +179,9 @@ impl Default for Limits {
             to_device_per_sync_max: 100,
             one_time_keys_per_device_max: 200,
             txn_ids_per_device_max: 1000,
+            edu_ephemeral_per_destination_max: 500,
+            edu_durable_per_destination_max: 10_000,
+            federation_query_timeout_ms: 10_000,
         }
     }
 }
@@ -194,6 +204,8 @@ pub struct Core {
     pub(crate) transport: std::sync::OnceLock<Arc<dyn federation::Transport>>,
     /// Outbound delivery state per destination.
     pub(crate) sender: federation::sender::SenderState,
+    /// EDU queues, retried transactions and remote-data locks (`federation/edu.rs`).
+    pub(crate) fed: federation::edu::FedState,
     /// The operator token (`outpost status` / `outpost peers`), if set.
     operator_token: std::sync::OnceLock<String>,
     /// Decoded state maps by group id (bounded, see `state.rs`).
@@ -259,6 +271,7 @@ impl Core {
             transport: std::sync::OnceLock::new(),
             operator_token: std::sync::OnceLock::new(),
             sender: Default::default(),
+            fed: Default::default(),
             started_ms,
             typing: typing::TypingState::default(),
             user_data_lock: tokio::sync::Mutex::new(()),
@@ -328,7 +341,7 @@ impl Core {
         batch: Batch,
         fill: impl FnOnce(&mut Batch, &mut dyn FnMut() -> u64, &mut dyn FnMut() -> u64) -> Result<T>,
     ) -> Result<T> {
-        let (out, ticket, pos) = {
+        let (out, ticket, pos, wake) = {
             let mut batch = batch;
             let mut c = self.sequencer.lock().unwrap_or_else(|e| e.into_inner());
             let mut next = *c;
@@ -351,9 +364,12 @@ impl Core {
             }
             self.store.apply(batch)?;
             *c = next;
-            (out, self.commit.wrote(), next.stream_pos)
+            // Destinations whose durable EDU queue this batch (or an earlier failed one) wrote to.
+            let wake = self.fed.take_staged_wakes();
+            (out, self.commit.wrote(), next.stream_pos, wake)
         };
         self.commit.durable(&self.store, ticket).await?;
+        self.wake_sender(&wake);
         self.visible.send_if_modified(|v| {
             if pos > *v {
                 *v = pos;

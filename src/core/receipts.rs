@@ -136,7 +136,12 @@ impl Core {
             b.put(Tree::ReceiptsByPos, key(&[room.as_bytes(), &p.to_be_bytes()]), rk.clone());
             Ok(())
         })
-        .await
+        .await?;
+        // Public receipts go to the other servers in the room (federation/edu.rs).
+        if kind == "m.read" {
+            self.queue_receipt_edu(room, user, event, thread, ts);
+        }
+        Ok(())
     }
 
     /// Move the fully-read marker (`m.fully_read` room account data) to `event`; never back.

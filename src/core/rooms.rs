@@ -948,7 +948,11 @@ impl Core {
         if let Some(topic) = &spec.topic {
             events.push(self.prepare(&mut ctx, creator, st("m.room.topic", "", json!({"topic": topic})), None)?);
         }
-        for u in &spec.invite {
+        // Users of other servers are invited once the room exists: their server countersigns
+        // the invite (invite v2), which needs the room's state.
+        let (local_invites, remote_invites): (Vec<&OwnedUserId>, Vec<&OwnedUserId>) =
+            spec.invite.iter().partition(|u| u.server_name() == self.server_name());
+        for u in local_invites {
             let mut c = json!({"membership": "invite"});
             if spec.is_direct {
                 c["is_direct"] = json!(true);
@@ -969,6 +973,13 @@ impl Core {
         })
         .await
         .map(|d| self.wake_sender(&d))?;
+        drop(_guard);
+        for u in remote_invites {
+            let extra = spec.is_direct.then(|| serde_json::Map::from_iter([("is_direct".to_owned(), json!(true))]));
+            if let Err(e) = self.set_membership(creator, &room_id, u, "invite", None, extra).await {
+                tracing::warn!(room = %room_id, user = %u, error = %e, "invite of a remote user failed");
+            }
+        }
         Ok(room_id)
     }
 

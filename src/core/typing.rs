@@ -55,6 +55,16 @@ impl Core {
         }
         let now = self.now_ms();
         let expires = timeout_ms.map(|t| now.saturating_add(t.min(self.limits.typing_timeout_ms_max)));
+        self.apply_typing(user, room, expires).await?;
+        // Other servers in the room hear of every start, refresh and stop (federation/edu.rs).
+        self.queue_typing_edu(room, user, expires.is_some());
+        Ok(())
+    }
+
+    /// Mark `user` as typing in `room` until `expires` (ms since the epoch), or stop it
+    /// (`None`); used for local users and, from `m.typing` EDUs, remote ones.
+    pub(crate) async fn apply_typing(&self, user: &UserId, room: &RoomId, expires: Option<u64>) -> Result<()> {
+        let now = self.now_ms();
         {
             let mut rooms = self.typing.lock();
             let was_typing = rooms.get(room).and_then(|r| r.users.get(user)).is_some_and(|&e| e > now);
@@ -102,19 +112,31 @@ impl Core {
         if !any {
             return Ok(());
         }
-        self.commit(Batch::new(), |_, pos, _| {
-            let mut rooms = self.typing.lock();
-            let mut p = None;
-            for r in rooms.values_mut() {
-                let before = r.users.len();
-                r.users.retain(|_, &mut e| e > now);
-                if r.users.len() != before {
-                    r.pos = *p.get_or_insert_with(&mut *pos);
+        let expired = self
+            .commit(Batch::new(), |_, pos, _| {
+                let mut rooms = self.typing.lock();
+                let mut p = None;
+                let mut expired = Vec::new();
+                for (room, r) in rooms.iter_mut() {
+                    let before = r.users.len();
+                    r.users.retain(|u, &mut e| {
+                        if e <= now {
+                            expired.push((room.clone(), u.clone()));
+                        }
+                        e > now
+                    });
+                    if r.users.len() != before {
+                        r.pos = *p.get_or_insert_with(&mut *pos);
+                    }
                 }
-            }
-            Ok(())
-        })
-        .await
+                Ok(expired)
+            })
+            .await?;
+        // Local typists who timed out stop typing on other servers too.
+        for (room, user) in expired {
+            self.queue_typing_edu(&room, &user, false);
+        }
+        Ok(())
     }
 
     /// When a `/sync` waiting until `deadline` must wake to expire a typing notification: the

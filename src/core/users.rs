@@ -146,7 +146,15 @@ impl Core {
         b.put(Tree::Devices, dk, to_json(&rec));
         b.put(Tree::Tokens, token.as_bytes().to_vec(), to_json(&(user, &device)));
         // A new device is a device-list change others must hear about (e2ee.rs).
-        self.commit(b, |b, pos, _| if is_new { self.stage_device_list_change(b, user, pos()) } else { Ok(()) }).await?;
+        self.commit(b, |b, pos, _| {
+            if !is_new {
+                return Ok(());
+            }
+            let p = pos();
+            self.stage_device_list_edus(b, user, &[super::federation::edu::DeviceListEdu::Device(&device)], p)?;
+            self.stage_device_list_change(b, user, p)
+        })
+        .await?;
         Ok((device, token))
     }
 

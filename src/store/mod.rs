@@ -125,6 +125,15 @@ pub enum Tree {
     RelationsByType,
     /// `room_id 0xff thread_root_id → pos(be u64)` of the latest reply when it was written.
     ThreadRoots,
+    /// `destination 0xff stream_pos(be u64) seq(be u32) → QueuedEdu`: the durable outbound EDU
+    /// queue (device-list updates, signing-key updates, to-device messages).
+    FedEduQueue,
+    /// `user_id → RemoteDeviceList`: the cached device list of a user of another server.
+    RemoteDeviceLists,
+    /// `user_id 0xff device_id → RemoteDevice`: one cached device of a user of another server.
+    RemoteDevices,
+    /// `server_name 0xff media_id → MediaContent`: media of another server, fetched and cached.
+    RemoteMedia,
 }
 
 impl Tree {
@@ -151,6 +160,10 @@ impl Tree {
             Tree::FedQueue => 80,
             Tree::FedTxns => 81,
             Tree::Invites => 82,
+            Tree::FedEduQueue => 83,
+            Tree::RemoteDeviceLists => 84,
+            Tree::RemoteDevices => 85,
+            Tree::RemoteMedia => 86,
             Tree::DeviceKeys => 20,
             Tree::OneTimeKeys => 21,
             Tree::FallbackKeys => 22,

@@ -1,4 +1,4 @@
-//! The local room directory.
+//! The room directory: this server's, or (`?server=`) another server's over federation.
 
 use axum::{extract::State, Json};
 use ruma::api::client::directory::{
@@ -8,7 +8,7 @@ use ruma::api::client::room::Visibility;
 use serde_json::{json, Value};
 
 use crate::api::{error::ApiResult, ruma_wrapper::Ruma, AppState};
-use crate::core::Error;
+use crate::core::{federation::query::PublicRoomsQuery, Error};
 
 /// # `GET /_matrix/client/v3/directory/list/room/{roomId}`
 pub async fn get_room_visibility_route(
@@ -37,7 +37,13 @@ pub async fn set_room_visibility_route(
     Ok(Json(json!({})))
 }
 
-fn page(s: &AppState, limit: Option<usize>, since: Option<&str>, term: Option<&str>) -> Result<Value, Error> {
+/// A page of this server's room directory (client and federation `publicRooms`).
+pub(crate) fn page(
+    s: &AppState,
+    limit: Option<usize>,
+    since: Option<&str>,
+    term: Option<&str>,
+) -> Result<Value, Error> {
     let mut rooms = Vec::new();
     for room in s.core.published_rooms()? {
         let entry = s.core.public_room_entry(&room)?;
@@ -76,6 +82,10 @@ pub async fn get_public_rooms_route(
     body: Ruma<get_public_rooms::v3::Request>,
 ) -> ApiResult<Json<Value>> {
     let limit = body.body.limit.map(|l| u64::from(l) as usize);
+    if let Some(server) = body.body.server.as_deref().filter(|x| *x != s.core.server_name()) {
+        let q = PublicRoomsQuery { limit: limit.map(|l| l as u64), since: body.body.since.clone(), term: None };
+        return Ok(Json(s.core.remote_public_rooms(server, q).await?));
+    }
     Ok(Json(page(&s, limit, body.body.since.as_deref(), None)?))
 }
 
@@ -86,5 +96,13 @@ pub async fn get_public_rooms_filtered_route(
 ) -> ApiResult<Json<Value>> {
     let limit = body.body.limit.map(|l| u64::from(l) as usize);
     let term = body.body.filter.generic_search_term.as_deref();
+    if let Some(server) = body.body.server.as_deref().filter(|x| *x != s.core.server_name()) {
+        let q = PublicRoomsQuery {
+            limit: limit.map(|l| l as u64),
+            since: body.body.since.clone(),
+            term: term.map(str::to_owned),
+        };
+        return Ok(Json(s.core.remote_public_rooms(server, q).await?));
+    }
     Ok(Json(page(&s, limit, body.body.since.as_deref(), term)?))
 }

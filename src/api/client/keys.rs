@@ -47,17 +47,17 @@ pub async fn upload_keys_route(
 
 /// # `POST /_matrix/client/v3/keys/query`
 ///
-/// Device keys and cross-signing keys of the given users (local users; remote ones come with
-/// federation).
+/// Device keys and cross-signing keys of the given users; users of other servers come from the
+/// cache or their servers (`core/federation/keys.rs`), which failed ones name in `failures`.
 pub async fn get_keys_route(State(s): State<AppState>, body: Ruma<get_keys::v3::Request>) -> ApiResult<Json<Value>> {
     let (user, _) = body.sender()?;
-    Ok(Json(s.core.query_keys(user, &body.body.device_keys)?))
+    Ok(Json(s.core.query_keys_anywhere(user, &body.body.device_keys, body.body.timeout).await?))
 }
 
 /// # `POST /_matrix/client/v3/keys/claim`
 ///
 /// One one-time key per requested device (each key is handed out once), or the device's
-/// fallback key when none is left.
+/// fallback key when none is left; devices of other servers are claimed from their servers.
 pub async fn claim_keys_route(
     State(s): State<AppState>,
     body: Ruma<claim_keys::v3::Request>,
@@ -69,8 +69,8 @@ pub async fn claim_keys_route(
         .iter()
         .map(|(u, ds)| (u.clone(), ds.iter().map(|(d, a)| (d.clone(), a.to_string())).collect()))
         .collect();
-    let claimed = s.core.claim_keys(&claims).await?;
-    Ok(Json(json!({"one_time_keys": claimed, "failures": {}})))
+    let timeout = body.json.get("timeout").and_then(Value::as_u64).map(std::time::Duration::from_millis);
+    Ok(Json(s.core.claim_keys_anywhere(&claims, timeout).await?))
 }
 
 /// # `GET /_matrix/client/v3/keys/changes`

@@ -5,8 +5,9 @@
 //! body is streamed into the media store up to `limits.max_upload_bytes`, made durable, and
 //! only then is the metadata committed and 200 sent (see `crate::media`).
 //!
-//! Only local media is served: an `mxc://` URI of another server is `M_NOT_FOUND` until media
-//! federation exists. URL previews answer an empty preview: a node has no internet to fetch
+//! Media of other servers is fetched from its origin over federation on the first download and
+//! cached locally (`api/federation/media.rs`); thumbnails of it are made here from the cached
+//! original. URL previews answer an empty preview: a node has no internet to fetch
 //! pages from, and fetching LAN addresses on a client's behalf would be a request forgery
 //! hole.
 
@@ -172,8 +173,8 @@ pub async fn create_content_async_route(
     Ok(Json(json!({})))
 }
 
-/// Query parameters of downloads (`allow_remote` and `allow_redirect` need no handling: only
-/// local media is served, never by redirect).
+/// Query parameters of downloads (`allow_remote` and `allow_redirect` need no handling: remote
+/// media is always fetched through this server, never by redirect).
 #[derive(Deserialize, Default)]
 pub struct DownloadQuery {
     /// How long to wait for an asynchronous upload (ms).
@@ -191,6 +192,21 @@ pub struct ThumbnailQuery {
     pub method: Option<String>,
     /// How long to wait for an asynchronous upload (ms).
     pub timeout_ms: Option<u64>,
+}
+
+/// The content of `server_name`/`media_id`: local media (waiting up to `timeout_ms` for an
+/// asynchronous upload), or another server's, fetched over federation and cached
+/// (`api/federation/media.rs`).
+pub(crate) async fn uploaded_content(
+    s: &AppState,
+    server_name: &str,
+    media_id: &str,
+    timeout_ms: Option<u64>,
+) -> Result<crate::core::media::MediaContent, ApiError> {
+    if server_name != s.core.server_name().as_str() {
+        return crate::api::federation::media::remote_media_content(s, server_name, media_id).await;
+    }
+    uploaded_media(s, server_name, media_id, timeout_ms).await.map(|(_, c)| c)
 }
 
 /// The record of local media `server_name`/`media_id` with its content, waiting up to
@@ -251,7 +267,7 @@ async fn download(
     query: DownloadQuery,
     authenticated: bool,
 ) -> ApiResult<Response> {
-    let (_, content) = uploaded_media(s, server_name, media_id, query.timeout_ms).await?;
+    let content = uploaded_content(s, server_name, media_id, query.timeout_ms).await?;
     let Some((len, stream)) =
         s.media.store().open(&content.sha256).await.map_err(|e| Error::Internal(e.to_string()))?
     else {
@@ -305,7 +321,7 @@ async fn thumbnail(
         Some("crop") => thumbnail::Method::Crop,
         Some(m) => return Err(Error::InvalidParam(format!("unknown method {m:?}: use crop or scale")).into()),
     };
-    let (_, content) = uploaded_media(s, server_name, media_id, q.timeout_ms).await?;
+    let content = uploaded_content(s, server_name, media_id, q.timeout_ms).await?;
     let request = thumbnail::Request { width, height, method };
     let (bytes, content_type) =
         s.media.thumbnail(&content.sha256, content.content_type.as_deref(), request).await.map_err(|e| match e {

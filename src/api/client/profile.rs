@@ -1,4 +1,5 @@
-//! Profiles: display name and avatar, propagated into member events.
+//! Profiles: display name and avatar, propagated into member events. Profiles of users of other
+//! servers are asked of their servers (`query/profile`).
 
 use axum::{extract::State, Json};
 use ruma::api::client::profile::{get_profile, get_profile_field, set_profile_field};
@@ -13,6 +14,9 @@ pub async fn get_profile_route(
     body: Ruma<get_profile::v3::Request>,
 ) -> ApiResult<Json<Value>> {
     let user = &body.body.user_id;
+    if user.server_name() != s.core.server_name() {
+        return Ok(Json(s.core.remote_profile(user, None).await?));
+    }
     if s.core.user(user)?.is_none() {
         return Err(Error::NotFound("profile not found".into()).into());
     }
@@ -33,11 +37,18 @@ pub async fn get_profile_field_route(
     body: Ruma<get_profile_field::v3::Request>,
 ) -> ApiResult<Json<Value>> {
     let user = &body.body.user_id;
+    let field = body.body.field.as_str().to_owned();
+    if user.server_name() != s.core.server_name() {
+        let p = s.core.remote_profile(user, Some(&field)).await?;
+        return match p.get(&field) {
+            Some(v) => Ok(Json(json!({ field: v }))),
+            None => Err(Error::NotFound("profile field not set".into()).into()),
+        };
+    }
     if s.core.user(user)?.is_none() {
         return Err(Error::NotFound("profile not found".into()).into());
     }
     let p = s.core.profile(user)?;
-    let field = body.body.field.as_str().to_owned();
     let value = match field.as_str() {
         "displayname" => p.displayname.map(|v| json!(v)),
         "avatar_url" => p.avatar_url.map(|v| json!(v)),

@@ -2,6 +2,9 @@
 //! listener). Requests are authenticated twice: the libp2p connection names the peer, and the
 //! X-Matrix signature must come from that same server (see `ruma_wrapper`).
 
+pub mod directory;
+pub mod keys;
+pub mod media;
 pub mod membership;
 pub mod query;
 pub mod transactions;
@@ -30,6 +33,18 @@ pub fn router(state: AppState) -> Router {
     let r = ruma_route!(r, f::membership::create_invite::v2::Request, membership::create_invite_route);
     let r = ruma_route!(r, f::query::get_profile_information::v1::Request, query::get_profile_information_route);
     let r = ruma_route!(r, f::query::get_room_information::v1::Request, query::get_room_information_route);
+    let r = ruma_route!(r, f::device::get_devices::v1::Request, keys::get_devices_route);
+    let r = ruma_route!(r, f::keys::get_keys::v1::Request, keys::get_keys_route);
+    let r = ruma_route!(r, f::keys::claim_keys::v1::Request, keys::claim_keys_route);
+    let r = ruma_route!(r, f::directory::get_public_rooms::v1::Request, directory::get_public_rooms_route);
+    let r = ruma_route!(
+        r,
+        f::directory::get_public_rooms_filtered::v1::Request,
+        directory::get_public_rooms_filtered_route
+    );
+    let r = ruma_route!(r, f::authenticated_media::get_content::v1::Request, media::get_content_route);
+    let r =
+        ruma_route!(r, f::authenticated_media::get_content_thumbnail::v1::Request, media::get_content_thumbnail_route);
     let r = r.route("/_matrix/federation/v1/version", get(query::get_server_version_route));
     let r = r.route("/_matrix/key/v2/server", get(super::server::get_server_keys_route));
     r.fallback(|| async { super::error::ApiError::unrecognized() }).with_state(state)

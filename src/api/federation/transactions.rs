@@ -20,7 +20,7 @@ pub async fn send_transaction_message_route(
     if req.origin != origin {
         return Err(crate::core::Error::Forbidden("transaction origin is not the sender".into()).into());
     }
-    let results = s.core.receive_transaction(&origin, req.transaction_id.as_str(), req.pdus).await?;
+    let results = s.core.receive_transaction(&origin, req.transaction_id.as_str(), req.pdus, req.edus).await?;
     let pdus: serde_json::Map<String, Value> = results
         .into_iter()
         .map(|(id, r)| {

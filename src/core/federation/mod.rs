@@ -8,8 +8,17 @@
 //! - `sender.rs`: the durable per-destination queue and transaction sender (backoff in seconds).
 //! - `receive.rs`: the checks performed on receipt of a PDU, in the spec's order.
 //! - `join.rs`: joining and inviting across servers (make_join / send_join v2, invite v2).
+//! - `edu.rs`: EDUs in transactions (typing, receipts, device lists, to-device), both ways.
+//! - `keys.rs`: end-to-end encryption keys across servers (cached remote device lists,
+//!   `user/devices`, `user/keys/query`, `user/keys/claim`).
+//! - `query.rs`: remote profiles and room directories.
+//! - `media.rs`: media of other servers, fetched and cached.
 
+pub mod edu;
 pub mod join;
+pub mod keys;
+pub mod media;
+pub mod query;
 pub mod receive;
 pub mod sender;
 pub mod serve;
@@ -63,6 +72,23 @@ pub fn key_map_for<'a>(servers: impl IntoIterator<Item = &'a ServerName>) -> Res
     Ok(map)
 }
 
+/// The error a remote server answered with, as one of ours: "not found" and "forbidden" keep
+/// their meaning (a client asking for a remote profile gets 404), anything else is `M_UNKNOWN`.
+fn remote_error(dest: &ServerName, res: &http::Response<Bytes>) -> Option<Error> {
+    let status = res.status();
+    if !status.is_client_error() && !status.is_server_error() {
+        return None;
+    }
+    let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap_or_default();
+    let errcode = body.get("errcode").and_then(|v| v.as_str()).unwrap_or("");
+    let msg = format!("{dest} answered {status}: {}", body.get("error").and_then(|v| v.as_str()).unwrap_or(errcode));
+    Some(match (status.as_u16(), errcode) {
+        (404, _) | (_, "M_NOT_FOUND") => Error::NotFound(msg),
+        (403, _) | (_, "M_FORBIDDEN") => Error::Forbidden(msg),
+        _ => Error::Unknown(format!("federation: {msg}")),
+    })
+}
+
 impl Core {
     /// Install the transport to other servers (once, at start-up).
     pub fn set_transport(&self, t: Arc<dyn Transport>) {
@@ -86,6 +112,9 @@ impl Core {
         let http_req = http_req.map(Bytes::from);
         let res =
             transport.send(dest.to_owned(), http_req).await.map_err(|e| Error::Unknown(format!("federation: {e}")))?;
+        if let Some(e) = remote_error(dest, &res) {
+            return Err(e);
+        }
         R::IncomingResponse::try_from_http_response(res)
             .map_err(|e| Error::Unknown(format!("federation: {dest} answered: {e}")))
     }

@@ -68,15 +68,21 @@ impl Core {
         Ok(SignedPdu { event_id, object, pdu })
     }
 
-    /// Handle a `/send` transaction from `origin` (already authenticated as that peer).
+    /// Handle a `/send` transaction from `origin` (already authenticated as that peer): its
+    /// PDUs, then its EDUs (`edu.rs`), so that a receipt can name an event of the same
+    /// transaction.
     pub async fn receive_transaction(
         self: &Arc<Self>,
         origin: &ServerName,
         txn_id: &str,
         pdus: Vec<Box<RawValue>>,
+        edus: Vec<ruma::serde::Raw<ruma::api::federation::transactions::edu::Edu>>,
     ) -> Result<BTreeMap<OwnedEventId, std::result::Result<(), String>>> {
         if pdus.len() > super::sender::MAX_PDUS_PER_TXN {
             return Err(Error::TooLarge("a transaction carries at most 50 PDUs".into()));
+        }
+        if edus.len() > super::edu::MAX_EDUS_PER_TXN {
+            return Err(Error::TooLarge("a transaction carries at most 100 EDUs".into()));
         }
         if self.last_txn(origin)?.as_deref() == Some(txn_id) {
             return Ok(BTreeMap::new());
@@ -101,6 +107,7 @@ impl Core {
                 Err(e) => tracing::info!(%origin, %room, error = %e, "PDU not processed"),
             }
         }
+        self.receive_edus(origin, edus).await?;
         self.set_last_txn(origin, txn_id).await?;
         Ok(results)
     }

@@ -1,5 +1,6 @@
 //! Outbound delivery: a durable queue per destination (written in the same batch as the event,
-//! see `Core::stage`), drained by one sender task in transactions of at most 50 PDUs.
+//! see `Core::stage`), drained by one sender task in transactions of at most 50 PDUs and 100
+//! EDUs (the EDU queues are in `edu.rs`).
 //!
 //! Backoff is for a mesh, not the internet: 1 s doubling to a 30 s cap, with jitter; a peer
 //! that (re)connects resets its backoff and is flushed at once ([`Core::peer_up`]).
@@ -14,7 +15,6 @@ use ruma::{
     api::federation::transactions::send_transaction_message, MilliSecondsSinceUnixEpoch, OwnedServerName,
     OwnedTransactionId, ServerName, UInt,
 };
-use serde_json::value::RawValue;
 
 use super::super::{Core, Result};
 use crate::store::{key, prefix, Batch, Tree};
@@ -95,12 +95,12 @@ impl Core {
         Ok(self.store.scan_prefix(Tree::FedQueue, &prefix(&[dest.as_bytes()]), usize::MAX)?.len())
     }
 
-    /// Every destination with something queued (one scan step per destination).
-    fn queued_destinations(&self) -> Result<Vec<OwnedServerName>> {
+    /// Every destination with something queued in `tree` (one scan step per destination).
+    fn queued_destinations(&self, tree: Tree) -> Result<Vec<OwnedServerName>> {
         let mut out = Vec::new();
         let mut from: Option<Vec<u8>> = None;
         loop {
-            let e = self.store.scan(Tree::FedQueue, b"", from.as_deref(), None, false, 1)?;
+            let e = self.store.scan(tree, b"", from.as_deref(), None, false, 1)?;
             let Some((k, _)) = e.first() else { break };
             let end = k.iter().position(|b| *b == 0xff).unwrap_or(k.len());
             let name = String::from_utf8_lossy(&k[..end]).into_owned();
@@ -117,7 +117,11 @@ impl Core {
 
     /// The sender task: runs until `shutdown` flips to true. Spawn it once per node.
     pub async fn run_sender(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        match self.queued_destinations() {
+        let queued = self.queued_destinations(Tree::FedQueue).and_then(|mut d| {
+            d.extend(self.queued_destinations(Tree::FedEduQueue)?);
+            Ok(d)
+        });
+        match queued {
             Ok(ds) => self.wake_sender(&ds.into_iter().collect()),
             Err(e) => tracing::error!(error = %e, "cannot read the federation queue"),
         }
@@ -186,46 +190,42 @@ impl Core {
         self.sender.wake.notify_one();
     }
 
-    /// One transaction. Returns whether more may be queued.
+    /// One transaction (PDUs and EDUs, see `edu.rs`). Returns whether more may be queued. A
+    /// failed transaction is kept and sent again unchanged next time.
     async fn send_one_transaction(&self, dest: &ServerName) -> Result<bool> {
         // Mark the queue as drained before reading it: an enqueue racing with us sets it again.
         self.sender.with(|m| m.entry(dest.to_owned()).or_default().pending = false);
-        let entries = self.store.scan_prefix(Tree::FedQueue, &prefix(&[dest.as_bytes()]), MAX_PDUS_PER_TXN)?;
-        if entries.is_empty() {
-            return Ok(false);
-        }
-        let mut pdus: Vec<Box<RawValue>> = Vec::with_capacity(entries.len());
-        for (_, v) in &entries {
-            let id = ruma::EventId::parse(String::from_utf8_lossy(v).into_owned())
-                .map_err(|e| super::super::Error::Internal(e.to_string()))?;
-            if let Some(stored) = self.stored_pdu(&id)? {
-                pdus.push(
-                    RawValue::from_string(stored.json).map_err(|e| super::super::Error::Internal(e.to_string()))?,
-                );
-            }
-        }
-        let pos_of = |k: &[u8]| {
-            let b: [u8; 8] = k[k.len() - 8..].try_into().unwrap_or_default();
-            u64::from_be_bytes(b)
+        let (txn, retried) = match self.fed.take_retry(dest) {
+            Some(t) => (t, true),
+            None => (self.build_transaction(dest)?, false),
         };
-        let first = pos_of(&entries[0].0);
-        let last = pos_of(&entries[entries.len() - 1].0);
-        let txn_id = OwnedTransactionId::from(format!("{first}-{last}"));
+        if txn.is_empty() {
+            // Nothing left to send (e.g. PDUs that are gone): just drop the queue entries.
+            self.transaction_done(dest, &txn).await?;
+            return Ok(!txn.pdu_keys.is_empty() || !txn.edu_keys.is_empty());
+        }
         let ts = MilliSecondsSinceUnixEpoch(UInt::new(self.now_ms()).unwrap_or_default());
-        let mut req = send_transaction_message::v1::Request::new(txn_id, self.server_name().to_owned(), ts);
-        req.pdus = pdus;
-        let res = self.federation_request(dest, req).await?;
+        let mut req = send_transaction_message::v1::Request::new(
+            OwnedTransactionId::from(txn.id.clone()),
+            self.server_name().to_owned(),
+            ts,
+        );
+        req.pdus = txn.pdus.clone();
+        req.edus = txn.edus.clone();
+        let res = match self.federation_request(dest, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.fed.keep_retry(dest, txn);
+                return Err(e);
+            }
+        };
         for (id, r) in &res.pdus {
             if let Err(e) = r {
                 tracing::info!(%dest, event_id = %id, error = %e, "peer refused a PDU");
             }
         }
-        let mut b = Batch::new();
-        for (k, _) in &entries {
-            b.delete(Tree::FedQueue, k.clone());
-        }
-        self.commit(b, |_, _, _| Ok(())).await?;
-        Ok(entries.len() == MAX_PDUS_PER_TXN)
+        self.transaction_done(dest, &txn).await?;
+        Ok(retried || txn.full || self.fed.has_ephemeral(dest))
     }
 
     /// Queue `event_id` (at stream position `pos`) for each of `dests` into `batch`.

@@ -1,0 +1,130 @@
+//! Real nodes, real QUIC, real crypto: two `outpost` processes on loopback linked by a static
+//! peer address, a matrix-sdk client on each, talking in an encrypted room. Keys, one-time key
+//! claims, room keys (to-device) and messages all cross the libp2p mesh.
+
+#![recursion_limit = "256"]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{enc, poll_until, register, Api, Node};
+use matrix_sdk::{
+    config::SyncSettings,
+    deserialized_responses::TimelineEventKind,
+    ruma::{
+        api::client::room::create_room,
+        events::{
+            room::{encryption::RoomEncryptionEventContent, message::RoomMessageEventContent},
+            InitialStateEvent,
+        },
+        OwnedEventId, OwnedRoomId, OwnedUserId,
+    },
+    Client, Room,
+};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn spawn_sync(client: &Client) -> JoinHandle<()> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let settings = SyncSettings::default().timeout(Duration::from_secs(5));
+        if let Err(e) = client.sync(settings).await {
+            eprintln!("sync loop of {:?} ended: {e:?}", client.user_id());
+        }
+    })
+}
+
+async fn send_text(room: &Room, body: &str) -> OwnedEventId {
+    room.send(RoomMessageEventContent::text_plain(body))
+        .await
+        .unwrap_or_else(|e| panic!("sending {body:?} failed: {e:?}"))
+        .response
+        .event_id
+}
+
+async fn assert_decrypts(client: &Client, who: &str, room_id: &OwnedRoomId, event_id: &OwnedEventId, body: &str) {
+    poll_until(WAIT, &format!("{who} to decrypt {body:?} ({event_id})"), || async {
+        let room = client.get_room(room_id)?;
+        let ev = room.event(event_id, None).await.ok()?;
+        let TimelineEventKind::Decrypted(_) = &ev.kind else { return None };
+        let json: Value = serde_json::from_str(ev.raw().json().get()).ok()?;
+        assert_eq!(json["content"]["body"], body, "{who}: decrypted body of {event_id}: {json}");
+        Some(())
+    })
+    .await;
+}
+
+/// Waits until `node` has device keys for `client`'s device.
+async fn wait_keys_uploaded(node: &Node, client: &Client) {
+    let api = Api::as_client(node, client);
+    let id = client.user_id().unwrap().to_string();
+    let device = client.device_id().unwrap().to_string();
+    poll_until(WAIT, &format!("device keys of {id}"), || async {
+        let q = api.post("/_matrix/client/v3/keys/query", &json!({"device_keys": {id.clone(): []}})).await.ok();
+        q["device_keys"][&id].get(&device).map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn encrypted_conversation_over_quic() {
+    let port = common::free_udp_port();
+    let a = Node::start_with_args(vec!["--listen".into(), format!("/ip4/127.0.0.1/udp/{port}/quic-v1")]).await;
+    let b = Node::start_with_args(vec!["--peer".into(), format!("/ip4/127.0.0.1/udp/{port}/quic-v1")]).await;
+    let alice = register(&a, "alice", "alice-password").await;
+    let bob = register(&b, "bob", "bob-password").await;
+    let bob_id: OwnedUserId = bob.user_id().unwrap().to_owned();
+    let tasks = [spawn_sync(&alice), spawn_sync(&bob)];
+    wait_keys_uploaded(&a, &alice).await;
+    wait_keys_uploaded(&b, &bob).await;
+
+    let mut req = create_room::v3::Request::new();
+    req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    req.initial_state =
+        vec![InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults())
+            .to_raw_any()];
+    let alice_room = alice.create_room(req).await.expect("create encrypted room");
+    let room_id = alice_room.room_id().to_owned();
+    // The invite reaches B once the nodes are connected.
+    let alice_api = Api::as_client(&a, &alice);
+    poll_until(WAIT, "the invite delivered over QUIC", || async {
+        let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(room_id.as_str()));
+        (alice_api.post(&path, &json!({"user_id": bob_id})).await.status == 200).then_some(())
+    })
+    .await;
+    poll_until(WAIT, "bob's client to see the invite", || async { bob.get_room(&room_id).map(|_| ()) }).await;
+    let bob_room = bob.join_room_by_id(&room_id).await.expect("bob joins over QUIC");
+    for (client, who) in [(&alice, "alice"), (&bob, "bob")] {
+        poll_until(WAIT, &format!("{who} to see the room encrypted with two members"), || async {
+            let room = client.get_room(&room_id)?;
+            let encrypted = room.latest_encryption_state().await.ok()?.is_encrypted();
+            (encrypted && room.joined_members_count() == 2).then_some(())
+        })
+        .await;
+    }
+
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let body = format!("alice over quic {i}");
+        sent.push((send_text(&alice_room, &body).await, body));
+        let body = format!("bob over quic {i}");
+        sent.push((send_text(&bob_room, &body).await, body));
+    }
+    for (id, body) in &sent {
+        assert_decrypts(&alice, "alice", &room_id, id, body).await;
+        assert_decrypts(&bob, "bob", &room_id, id, body).await;
+    }
+    // The server on B only ever stored ciphertext.
+    let raw = Api::as_client(&b, &bob)
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room_id.as_str()), enc(sent[0].0.as_str())))
+        .await
+        .ok();
+    assert_eq!(raw["type"], "m.room.encrypted", "{raw}");
+
+    for t in tasks {
+        t.abort();
+    }
+}
