@@ -772,6 +772,20 @@ impl Core {
         Ok(())
     }
 
+    /// Up to `limit` events of `room_id`'s timeline after stream position `after`, oldest first,
+    /// with their positions (the simulator's delivery observer reads this).
+    pub fn timeline_after(&self, room_id: &RoomId, after: u64, limit: usize) -> Result<Vec<(u64, OwnedEventId)>> {
+        let p = prefix(&[room_id.as_bytes()]);
+        let from = key(&[room_id.as_bytes(), &(after.saturating_add(1)).to_be_bytes()]);
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan(Tree::Timeline, &p, Some(&from), None, false, limit)? {
+            let Ok(pos) = <[u8; 8]>::try_from(&k[k.len().saturating_sub(8)..]) else { continue };
+            let Ok(id) = EventId::parse(String::from_utf8_lossy(&v).into_owned()) else { continue };
+            out.push((u64::from_be_bytes(pos), id));
+        }
+        Ok(out)
+    }
+
     /// Forward extremities of a room.
     pub fn extremities(&self, room_id: &RoomId) -> Result<Vec<OwnedEventId>> {
         Ok(self
@@ -799,7 +813,7 @@ impl Core {
         let explicit_room_id = if rules.authorization.room_create_event_id_as_room_id {
             None
         } else {
-            let local: String = (0..18).map(|_| (b'a' + rand::random::<u8>() % 26) as char).collect();
+            let local = self.random_chars(b"abcdefghijklmnopqrstuvwxyz", 18);
             Some(
                 RoomId::parse(format!("!{local}:{}", self.server_name()))
                     .map_err(|e| Error::Internal(e.to_string()))?,
