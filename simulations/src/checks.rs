@@ -215,6 +215,11 @@ pub fn analyze(w: &mut World) -> Outcome {
             iv.iter().any(|&(s, e)| e.min(end_ms).saturating_sub(s.max(t)) >= CONTACT_MS_MIN)
         })
     };
+    let soft_failed_at = |d: usize, id: Option<&ruma::EventId>| -> bool {
+        let (Some(core), Some(id)) = (w.core(d), id) else { return false };
+        matches!(core.stored_pdu(id), Ok(Some(s)) if s.soft_failed)
+    };
+    let mut hidden = 0usize;
     let mut expected = 0usize;
     let mut got = 0usize;
     let mut direct_expected = 0usize;
@@ -239,7 +244,7 @@ pub fn analyze(w: &mut World) -> Outcome {
             queued_got += usize::from(at.is_some());
             if direct(m.origin, d, m.sent_ms) {
                 direct_expected += 1;
-                if at.is_some() {
+                if at.is_some() || soft_failed_at(d, m.event.as_deref()) {
                     direct_got += 1;
                 } else if missing_direct.len() < 5 {
                     missing_direct.push(format!("message {k} from node {} to node {d}", m.origin));
@@ -254,6 +259,12 @@ pub fn analyze(w: &mut World) -> Outcome {
                 Some(t) => {
                     got += 1;
                     latencies.push(t.saturating_sub(m.sent_ms));
+                }
+                // Received but soft-failed (its sender had lost the right to send by the time
+                // it arrived): the protocol hides it on purpose.
+                None if soft_failed_at(d, m.event.as_deref()) => {
+                    got += 1;
+                    hidden += 1;
                 }
                 None if missing.len() < 5 => {
                     missing.push(format!("message {k} from node {} to node {d}", m.origin))
@@ -270,8 +281,26 @@ pub fn analyze(w: &mut World) -> Outcome {
             }
         }
     }
+    // State changes: checked at the end (stored in the DAG — in the timeline or soft-failed —
+    // at every server the actor queued them for).
+    let mut state_expected = 0usize;
+    let mut state_got = 0usize;
+    for c in &changes {
+        let Some(id) = &c.event else { continue };
+        for &d in &c.dests {
+            if d >= n || !alive[d] || !direct(c.node, d, c.t_ms) {
+                continue;
+            }
+            state_expected += 1;
+            match w.core(d).map(|core| core.stored_pdu(id)) {
+                Some(Ok(Some(s))) if !s.outlier => state_got += 1,
+                _ if missing.len() < 5 => missing.push(format!("{} change {id} from node {} to node {d}", c.kind, c.node)),
+                _ => {}
+            }
+        }
+    }
     let delivery_ok = match scn.checks.delivery.as_str() {
-        "reachable" => got == expected,
+        "reachable" => got == expected && state_got == state_expected,
         "direct" => direct_got == direct_expected,
         _ => true,
     };
@@ -281,7 +310,11 @@ pub fn analyze(w: &mut World) -> Outcome {
         } else {
             (got, expected, &missing)
         };
-        failures.push(format!("delivery: {a} of {b} expected deliveries happened; missing e.g. {}", ex.join(", ")));
+        failures.push(format!(
+            "delivery: {a} of {b} expected message deliveries and {state_got} of {state_expected} state event \
+             deliveries happened; missing e.g. {}",
+            ex.join(", ")
+        ));
     }
     latencies.sort_unstable();
 
@@ -324,7 +357,32 @@ pub fn analyze(w: &mut World) -> Outcome {
     for (i, fp) in &fps {
         per_comp.entry(comps[*i]).or_default().entry(*fp).or_default().push(*i);
     }
-    let converged = per_comp.values().all(|m| m.len() <= 1);
+    let mut converged = per_comp.values().all(|m| m.len() <= 1);
+    // Nodes that think they are out of the room are not compared; but the others must agree.
+    let mut outcasts = Vec::new();
+    if let Some(room) = &room {
+        for groups in per_comp.values() {
+            let Some((_, holders)) = groups.iter().max_by_key(|(_, v)| v.len()) else { continue };
+            let Some(core) = w.core(holders[0]) else { continue };
+            let Ok(consensus) = core.current_state(room) else { continue };
+            let comp = comps[holders[0]];
+            for i in (0..n).filter(|i| comps[*i] == comp && !fps.contains_key(i) && w.core(*i).is_some()) {
+                let joined_there = consensus
+                    .get(&("m.room.member".to_owned(), sh.users[i].to_string()))
+                    .and_then(|id| core.pdu(id).ok().flatten())
+                    .is_some_and(|p| p.content_value().get("membership").and_then(|m| m.as_str()) == Some("join"));
+                if joined_there {
+                    outcasts.push(i);
+                }
+            }
+        }
+    }
+    if !outcasts.is_empty() {
+        converged = false;
+    }
+    if std::env::var_os("OUTPOST_SIM_DUMP").is_some() {
+        dump(w, room.as_ref());
+    }
     let distinct_end: BTreeSet<u64> = fps.values().copied().collect();
     if !converged && scn.checks.convergence {
         let mut detail = Vec::new();
@@ -346,6 +404,9 @@ pub fn analyze(w: &mut World) -> Outcome {
                     }
                 }
             }
+        }
+        if !outcasts.is_empty() {
+            detail.push(format!("nodes {outcasts:?} think their user is out of the room; the others say joined"));
         }
         failures.push(format!("convergence: {}", detail.join("; ")));
     }
@@ -398,6 +459,9 @@ pub fn analyze(w: &mut World) -> Outcome {
     s.insert("messages_unacknowledged_but_delivered".into(), json!(unacked_delivered));
     s.insert("pairs_expected".into(), json!(expected));
     s.insert("pairs_delivered".into(), json!(got));
+    s.insert("pairs_soft_failed".into(), json!(hidden));
+    s.insert("state_pairs_expected".into(), json!(state_expected));
+    s.insert("state_pairs_delivered".into(), json!(state_got));
     s.insert("delivered_ratio".into(), ratio(got, expected));
     s.insert("delivered_ratio_members".into(), ratio(member_got, member_expected));
     if mobility {
@@ -437,6 +501,33 @@ pub fn analyze(w: &mut World) -> Outcome {
         samples,
         faults: faults.into_iter().map(|(t, f)| (t as f64 / 1000.0, f)).collect(),
         scenario: scn,
+    }
+}
+
+/// Every node's view of the room, on stderr (set `OUTPOST_SIM_DUMP=1`), for postmortems.
+fn dump(w: &World, room: Option<&ruma::OwnedRoomId>) {
+    let Some(room) = room else { return };
+    for i in 0..w.nodes.len() {
+        let Some(core) = w.core(i) else {
+            eprintln!("node {i}: down");
+            continue;
+        };
+        let Ok(state) = core.current_state(room) else { continue };
+        let mut members = Vec::new();
+        for ((t, k), id) in state.iter() {
+            if t == "m.room.member" {
+                let m = core.pdu(id).ok().flatten().map(|p| p.content_value()["membership"].to_string());
+                let who = w.sh.users.iter().position(|u| u.as_str() == k).map(|x| x.to_string()).unwrap_or(k.clone());
+                members.push(format!("{who}:{}", m.unwrap_or_default().trim_matches('"')));
+            }
+        }
+        let jr = core
+            .state_event(room, "m.room.join_rules", "")
+            .ok()
+            .flatten()
+            .map(|p| p.content_value()["join_rule"].to_string());
+        let ext = core.extremities(room).map(|e| e.len()).unwrap_or(0);
+        eprintln!("node {i}: join_rule {jr:?} extremities {ext} members {}", members.join(" "));
     }
 }
 

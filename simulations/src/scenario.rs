@@ -160,7 +160,6 @@ impl Default for StateChangesSpec {
 
 /// A scheduled fault or repair.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EventSpec {
     /// When.
     pub at_s: f64,

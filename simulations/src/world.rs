@@ -63,6 +63,8 @@ pub struct Change {
     pub event: Option<OwnedEventId>,
     /// Why it was refused.
     pub error: Option<String>,
+    /// Nodes the actor queued it for.
+    pub dests: Vec<usize>,
 }
 
 /// One look at every node.
@@ -173,8 +175,8 @@ pub enum Act {
     Message(usize),
     /// State change number `k`.
     StateChange(usize),
-    /// Lift a ban of node `target`'s user.
-    Unban(usize),
+    /// `(actor, target)`: the node that banned lifts the ban, if it still sees it.
+    Unban(usize, usize),
     /// A scheduled fault or repair.
     Fault(Action),
     /// Churn: node goes down / comes back.
@@ -526,7 +528,7 @@ impl World {
             Act::Join(i) => self.spawn_join(i),
             Act::Message(k) => self.spawn_message(k),
             Act::StateChange(k) => self.spawn_state_change(k),
-            Act::Unban(target) => self.spawn_unban(target),
+            Act::Unban(actor, target) => self.spawn_unban(actor, target),
             Act::Fault(a) => self.fault(a),
             Act::ChurnDown(i, crash) => {
                 if crash {
@@ -779,7 +781,7 @@ impl World {
                             .await
                             .map_err(|e| e.to_string());
                         if r.is_ok() {
-                            follow = Some((now + unban_ms, Act::Unban(t)));
+                            follow = Some((now + unban_ms, Act::Unban(actor, t)));
                         }
                         r
                     }
@@ -801,6 +803,16 @@ impl World {
                 sh.later(t, a);
             }
             let done = sh.now();
+            let dests: Vec<usize> = core
+                .servers_in_room(&room)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|d| sh.idx_of(d))
+                .filter(|&d| d != actor)
+                .chain(target.filter(|_| kind == "ban"))
+                .collect::<BTreeSet<usize>>()
+                .into_iter()
+                .collect();
             let mut r = sh.rec();
             let (event, error) = match res {
                 Ok(id) => {
@@ -809,28 +821,41 @@ impl World {
                 }
                 Err(e) => (None, Some(e)),
             };
-            r.changes.push(Change { node: actor, t_ms: now, kind, event, error });
+            r.changes.push(Change { node: actor, t_ms: now, kind, event, error, dests });
         });
         self.nodes[actor].track(task.abort_handle());
     }
 
-    fn spawn_unban(&mut self, target: usize) {
-        // The creator (node 0) always has the power to unban in room version 12; fall back to
-        // any joined node.
-        let joined = self.joined_nodes();
-        let actor = if joined.contains(&0) { 0 } else if let Some(a) = joined.first() { *a } else { return };
+    fn spawn_unban(&mut self, actor: usize, target: usize) {
         let Some(core) = self.nodes[actor].core().cloned() else { return };
         let sh = self.sh.clone();
         let rejoin_ms = ms(self.scn.state_changes.rejoin_after_s);
         let task = tokio::spawn(async move {
             let room = sh.room();
             let now = sh.now();
+            // Only what a moderator would do: lift a ban they can see.
+            if !matches!(core.membership(&room, &sh.users[target]), Ok(Some(m)) if m == "ban") {
+                return;
+            }
             let res = core.set_membership(&sh.users[actor], &room, &sh.users[target], "leave", None, None).await;
+            let mut dests: Vec<usize> =
+                core.servers_in_room(&room).unwrap_or_default().iter().filter_map(|d| sh.idx_of(d)).collect();
+            dests.push(target);
+            dests.retain(|&d| d != actor);
+            dests.sort_unstable();
+            dests.dedup();
             let mut r = sh.rec();
             match res {
                 Ok(id) => {
                     r.disturbed(now);
-                    r.changes.push(Change { node: actor, t_ms: now, kind: "unban".into(), event: Some(id), error: None });
+                    r.changes.push(Change {
+                        node: actor,
+                        t_ms: now,
+                        kind: "unban".into(),
+                        event: Some(id),
+                        error: None,
+                        dests,
+                    });
                     drop(r);
                     sh.later(now + rejoin_ms, Act::Join(target));
                 }
@@ -840,6 +865,7 @@ impl World {
                     kind: "unban".into(),
                     event: None,
                     error: Some(e.to_string()),
+                    dests: Vec::new(),
                 }),
             }
         });
@@ -990,9 +1016,8 @@ async fn observe(core: Arc<Core>, i: usize, sh: Arc<Shared>) {
     }
 }
 
-/// Join node `i`'s user to the room as a client's `/join` does: locally when the node already
-/// has the room, otherwise make_join/send_join through a resident node in reach; retry until
-/// it works (the run's end aborts it).
+/// Join node `i`'s user to the room as a client's `/join` does (`Core::join_room`), offering
+/// the resident nodes in reach as `via`; retry until it works (the run's end aborts it).
 async fn join_task(core: Arc<Core>, i: usize, sh: Arc<Shared>, retry: Duration, mut rng: StdRng) {
     let room = sh.room();
     let user = sh.users[i].clone();
@@ -1005,16 +1030,12 @@ async fn join_task(core: Arc<Core>, i: usize, sh: Arc<Shared>, retry: Duration, 
             let r = sh.rec();
             sh.net.neighbours(i).into_iter().filter(|&j| r.joined[j] && r.alive[j]).collect()
         };
-        let res = if matches!(core.room(&room), Ok(Some(_))) {
-            core.set_membership(&user, &room, &user, "join", None, None).await.map(|_| ()).map_err(|e| e.to_string())
-        } else if candidates.is_empty() {
-            Err("no resident node in reach".to_owned())
-        } else {
-            let mut via: Vec<OwnedServerName> = candidates.iter().map(|&j| sh.names[j].clone()).collect();
-            via.shuffle(&mut rng);
-            via.truncate(3);
-            core.join_remote(&user, &room, &via).await.map(|_| ()).map_err(|e| e.to_string())
-        };
+        let mut via: Vec<OwnedServerName> = candidates.iter().map(|&j| sh.names[j].clone()).collect();
+        via.shuffle(&mut rng);
+        via.truncate(3);
+        // What a client's `/join` does (locally while this node is in the room, otherwise
+        // make_join / send_join through `via`, then servers from the node's last known state).
+        let res = core.join_room(&user, &room, None, via).await.map(|_| ()).map_err(|e| e.to_string());
         let now = sh.now();
         match res {
             Ok(()) => {

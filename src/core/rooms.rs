@@ -56,6 +56,11 @@ pub struct StoredPdu {
     /// as an auth event or as state at some point, or soft-failed.
     #[serde(default)]
     pub outlier: bool,
+    /// Soft-failed (spec: fails the auth rules against the room's current state): part of the
+    /// DAG — its state is recorded, so later events can build on it — but not in the timeline,
+    /// not a forward extremity, and no part of the room's current state.
+    #[serde(default)]
+    pub soft_failed: bool,
 }
 
 /// A local user's membership of a room, as sync and `joined_rooms` see it.
@@ -95,6 +100,8 @@ struct Prepared {
     /// after (an event on a side branch of the DAG).
     room_state: Option<Arc<StateMap>>,
     txn: Option<(String, String)>,
+    /// Store it soft-failed (see [`StoredPdu::soft_failed`]).
+    soft_failed: bool,
 }
 
 /// The working view of a room while events are appended.
@@ -330,7 +337,15 @@ impl Core {
         ctx.extremities = vec![signed.event_id.clone()];
         ctx.record.max_depth += 1;
         ctx.pending.insert(signed.event_id.clone(), signed.pdu.clone());
-        Ok(Prepared { signed, before, before_group: BeforeGroup::Current, state_after, room_state: None, txn })
+        Ok(Prepared {
+            signed,
+            before,
+            before_group: BeforeGroup::Current,
+            state_after,
+            room_state: None,
+            txn,
+            soft_failed: false,
+        })
     }
 
     fn check_redaction_allowed(&self, ctx: &RoomCtx, sender: &UserId, target: Option<&EventId>) -> Result<()> {
@@ -410,6 +425,20 @@ impl Core {
                 }
                 None => before_sg,
             };
+            if p.soft_failed {
+                let stored = StoredPdu {
+                    json: serde_json::to_string(&p.signed.object).map_err(|e| Error::Internal(e.to_string()))?,
+                    pos,
+                    state_before: before_sg,
+                    state_after: after_sg,
+                    txn: None,
+                    redacted_by: None,
+                    outlier: false,
+                    soft_failed: true,
+                };
+                batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
+                continue;
+            }
             // The room's current state after this event.
             let (new_room_sg, new_room_map) = match &p.room_state {
                 None => (after_sg, p.state_after.clone().unwrap_or_else(|| p.before.clone())),
@@ -450,6 +479,7 @@ impl Core {
                 txn: p.txn.clone(),
                 redacted_by: None,
                 outlier: false,
+                soft_failed: false,
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
@@ -701,23 +731,29 @@ impl Core {
             return Ok(PduOutcome::Rejected(format!("state before the event: {e}")));
         }
         // 6. Passes authorization rules based on the current state of the room, otherwise it
-        //    is "soft failed": kept, but neither shown to clients nor built upon.
-        if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+        //    is "soft failed": kept in the DAG (events that build on it must still connect),
+        //    but neither shown to clients nor built upon by us.
+        let soft_failed = match check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
             ctx.state.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
         }) {
-            tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
-            self.store_outliers(rules, vec![signed]).await?;
-            return Ok(PduOutcome::SoftFailed);
-        }
+            Ok(()) => false,
+            Err(e) => {
+                tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
+                true
+            }
+        };
         let state_after = signed.pdu.state_key.as_ref().map(|k| {
             let mut s = (*before).clone();
             s.insert((signed.pdu.kind.to_string(), k.clone()), signed.event_id.clone());
             Arc::new(s)
         });
-        let mut prepared = Prepared { signed, before, before_group, state_after, room_state: None, txn: None };
-        prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+        let mut prepared =
+            Prepared { signed, before, before_group, state_after, room_state: None, txn: None, soft_failed };
+        if !soft_failed {
+            prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+        }
         self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
-        Ok(PduOutcome::Accepted)
+        Ok(if soft_failed { PduOutcome::SoftFailed } else { PduOutcome::Accepted })
     }
 
     /// Start keeping a room this node just joined through another server: `state` is the
@@ -733,10 +769,17 @@ impl Core {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
         let rules = rules_for(version)?;
-        if self.room(room_id)?.is_some() {
+        let known = self.room(room_id)?;
+        // A copy kept from before this node left is stale (nobody sent it events since): the
+        // answer to send_join replaces it below, and its old forward extremities go.
+        let stale = match &known {
+            Some(_) => !self.servers_in_room(room_id)?.contains(self.server_name()),
+            None => false,
+        };
+        if known.is_some() && !stale {
             drop(_guard);
             let id = join.event_id.clone();
-            return match self.store_remote_pdu(room_id, &rules, join, None).await? {
+            return match self.store_remote_pdu(room_id, &rules, join, Some(state)).await? {
                 super::federation::receive::PduOutcome::Rejected(why) => Err(Error::Forbidden(why)),
                 _ => {
                     tracing::debug!(event_id = %id, "joined a room already known");
@@ -751,8 +794,13 @@ impl Core {
         let before = Arc::new(state);
         let mut after = (*before).clone();
         after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
-        let mut record =
-            RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth };
+        let mut record = RoomRecord {
+            version: version.clone(),
+            create_event,
+            state_group: 0,
+            max_depth: join.pdu.depth.max(known.map_or(0, |k| k.max_depth)),
+        };
+        let stale_extremities = if stale { self.extremities(room_id)? } else { Vec::new() };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {
             signed: join,
@@ -761,10 +809,14 @@ impl Core {
             state_after: Some(Arc::new(after)),
             room_state: None,
             txn: None,
+            soft_failed: false,
         };
         let dests = self
             .commit(Batch::new(), |batch, pos, sg| {
                 self.forget_invite(batch, &user, room_id);
+                for e in &stale_extremities {
+                    batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), e.as_bytes()]));
+                }
                 self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;
@@ -860,6 +912,7 @@ impl Core {
             state_after: Some(state),
             room_state: None,
             txn: None,
+            soft_failed: false,
         }];
         let profile = self.profile(creator)?;
         let mut member = json!({"membership": "join"});

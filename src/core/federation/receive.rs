@@ -253,6 +253,10 @@ impl Core {
     /// placed in the timeline).
     pub(crate) async fn store_outliers(&self, rules: &RoomVersionRules, events: Vec<SignedPdu>) -> Result<()> {
         for s in events {
+            // Never downgrade what we already have (an event of the DAG stays in it).
+            if self.stored_pdu(&s.event_id)?.is_some() {
+                continue;
+            }
             if check_state_independent_auth_rules(&rules.authorization, &s.pdu, |id: &EventId| {
                 self.pdu(id).ok().flatten()
             })
@@ -269,6 +273,7 @@ impl Core {
                 txn: None,
                 redacted_by: None,
                 outlier: true,
+                soft_failed: false,
             };
             // Each is applied at once so later ones can find it as an auth event; the commit
             // below makes them durable together.
