@@ -401,6 +401,31 @@ pub fn analyze(w: &mut World) -> Outcome {
                             .map(|k| format!("{}/{}", k.0, k.1))
                             .collect();
                         detail.push(format!("node {} vs node {} differ at {}", a[0], b[0], diff.join(", ")));
+                        if std::env::var_os("OUTPOST_SIM_DUMP").is_some() {
+                            for k in sa.keys().chain(sb.keys()).filter(|k| sa.get(*k) != sb.get(*k)).take(4) {
+                                let status = |c: &outpost::core::Core, id: Option<&ruma::OwnedEventId>| match id {
+                                    None => "-".to_owned(),
+                                    Some(id) => match c.stored_pdu(id) {
+                                        Ok(Some(s)) => format!(
+                                            "{id} (outlier {}, soft_failed {}, depth {})",
+                                            s.outlier,
+                                            s.soft_failed,
+                                            c.pdu(id).ok().flatten().map(|p| p.depth).unwrap_or(0)
+                                        ),
+                                        _ => format!("{id} (missing)"),
+                                    },
+                                };
+                                eprintln!(
+                                    "  {k:?}: node {} has {}; node {} has {}; node {} knows the first as {}",
+                                    a[0],
+                                    status(&ca, sa.get(k)),
+                                    b[0],
+                                    status(&cb, sb.get(k)),
+                                    b[0],
+                                    status(&cb, sa.get(k))
+                                );
+                            }
+                        }
                     }
                 }
             }

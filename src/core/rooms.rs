@@ -769,24 +769,6 @@ impl Core {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
         let rules = rules_for(version)?;
-        let known = self.room(room_id)?;
-        // A copy kept from before this node left is stale (nobody sent it events since): the
-        // answer to send_join replaces it below, and its old forward extremities go.
-        let stale = match &known {
-            Some(_) => !self.servers_in_room(room_id)?.contains(self.server_name()),
-            None => false,
-        };
-        if known.is_some() && !stale {
-            drop(_guard);
-            let id = join.event_id.clone();
-            return match self.store_remote_pdu(room_id, &rules, join, Some(state)).await? {
-                super::federation::receive::PduOutcome::Rejected(why) => Err(Error::Forbidden(why)),
-                _ => {
-                    tracing::debug!(event_id = %id, "joined a room already known");
-                    Ok(())
-                }
-            };
-        }
         check_state_dependent_auth_rules(&rules.authorization, &join.pdu, |t, k| {
             state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
         })
@@ -794,29 +776,44 @@ impl Core {
         let before = Arc::new(state);
         let mut after = (*before).clone();
         after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
-        let mut record = RoomRecord {
-            version: version.clone(),
-            create_event,
-            state_group: 0,
-            max_depth: join.pdu.depth.max(known.map_or(0, |k| k.max_depth)),
+        // A room we already keep (a copy from before we left, or a concurrent join by another
+        // local user): the join is one more forward extremity, and the room's state is
+        // resolved over all of them — our copy may know events the resident did not.
+        let (mut record, room_state) = match self.room(room_id)? {
+            Some(_) => {
+                let ctx = self.room_ctx(room_id)?;
+                let probe = Prepared {
+                    signed: join.clone(),
+                    before: before.clone(),
+                    before_group: BeforeGroup::New,
+                    state_after: Some(Arc::new(after.clone())),
+                    room_state: None,
+                    txn: None,
+                    soft_failed: false,
+                };
+                let rs = self.room_state_with(&ctx, &probe)?;
+                let mut record = ctx.record;
+                record.max_depth = record.max_depth.max(join.pdu.depth);
+                (record, Some(rs))
+            }
+            None => (
+                RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
+                None,
+            ),
         };
-        let stale_extremities = if stale { self.extremities(room_id)? } else { Vec::new() };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {
             signed: join,
             before,
             before_group: BeforeGroup::New,
             state_after: Some(Arc::new(after)),
-            room_state: None,
+            room_state,
             txn: None,
             soft_failed: false,
         };
         let dests = self
             .commit(Batch::new(), |batch, pos, sg| {
                 self.forget_invite(batch, &user, room_id);
-                for e in &stale_extremities {
-                    batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), e.as_bytes()]));
-                }
                 self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;

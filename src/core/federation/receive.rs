@@ -82,6 +82,7 @@ impl Core {
             return Ok(BTreeMap::new());
         }
         let mut results = BTreeMap::new();
+        let mut retry = false;
         for raw in pdus {
             #[derive(serde::Deserialize)]
             struct RoomOf {
@@ -98,8 +99,18 @@ impl Core {
                 Ok((id, _)) => {
                     results.insert(id, Ok(()));
                 }
+                Err(e) if super::is_transient(&e) => {
+                    tracing::info!(%origin, %room, error = %e, "PDU not processed; the transaction will be retried");
+                    retry = true;
+                }
                 Err(e) => tracing::info!(%origin, %room, error = %e, "PDU not processed"),
             }
+        }
+        if retry {
+            // Answering 200 would drop the PDU for good: the sender deletes what we
+            // acknowledge. Fail the transaction instead; the sender's durable queue sends it
+            // again (what we did accept is then a duplicate).
+            return Err(Error::Unknown("could not fetch what some PDUs depend on; retry the transaction".into()));
         }
         self.set_last_txn(origin, txn_id).await?;
         Ok(results)
