@@ -551,8 +551,27 @@ fn dump(w: &World, room: Option<&ruma::OwnedRoomId>) {
             .ok()
             .flatten()
             .map(|p| p.content_value()["join_rule"].to_string());
-        let ext = core.extremities(room).map(|e| e.len()).unwrap_or(0);
-        eprintln!("node {i}: join_rule {jr:?} extremities {ext} members {}", members.join(" "));
+        let exts = core.extremities(room).unwrap_or_default();
+        eprintln!("node {i}: join_rule {jr:?} extremities {} members {}", exts.len(), members.join(" "));
+        for e in exts {
+            let Ok(Some(st)) = core.stored_pdu(&e) else { continue };
+            let p = core.pdu(&e).ok().flatten();
+            let after = core.state_after(&st).ok();
+            let m = |u: &str| {
+                after
+                    .as_ref()
+                    .and_then(|a| a.get(&("m.room.member".to_owned(), u.to_owned())).cloned())
+                    .map(|id| id.to_string())
+                    .unwrap_or_default()
+            };
+            let own = m(w.sh.users[i].as_str());
+            eprintln!(
+                "    ext {e} depth {} {} by {}; own member after: {own}",
+                p.as_ref().map(|p| p.depth).unwrap_or(0),
+                p.as_ref().map(|p| p.kind.to_string()).unwrap_or_default(),
+                p.as_ref().map(|p| p.sender.to_string()).unwrap_or_default().chars().take(6).collect::<String>()
+            );
+        }
     }
 }
 

@@ -485,8 +485,13 @@ impl Core {
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
             for prev in &pdu.prev_events {
                 batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
+                batch.put(Tree::Referenced, key(&[room_id.as_bytes(), prev.as_bytes()]), Vec::new());
             }
-            batch.put(Tree::Extremities, key(&[room_id.as_bytes(), id.as_bytes()]), id.as_bytes().to_vec());
+            // An event some accepted event already builds on (we got the child first, its
+            // history later) is not a forward extremity.
+            if self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), id.as_bytes()]))?.is_none() {
+                batch.put(Tree::Extremities, key(&[room_id.as_bytes(), id.as_bytes()]), id.as_bytes().to_vec());
+            }
             if let Some((dev, txn)) = &p.txn {
                 batch.put(
                     Tree::TxnIds,

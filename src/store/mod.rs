@@ -63,6 +63,10 @@ pub enum Tree {
     StateGroups,
     /// `room_id 0xff event_id → ()`: forward extremities.
     Extremities,
+    /// `room_id 0xff event_id → ()`: events some accepted event of the room names among its
+    /// `prev_events` — they can never (again) be forward extremities, even if they are stored
+    /// after that child (history filled in later).
+    Referenced,
     /// `user_id 0xff room_id → Membership` (the user's own view of their rooms).
     UserRooms,
     /// `user_id 0xff room_id-or-empty 0xff type → AccountData`.
@@ -142,6 +146,7 @@ impl Tree {
             Tree::RoomState => 9,
             Tree::StateGroups => 10,
             Tree::Extremities => 11,
+            Tree::Referenced => 19,
             Tree::UserRooms => 12,
             Tree::AccountData => 13,
             Tree::Filters => 14,

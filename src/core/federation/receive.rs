@@ -315,6 +315,10 @@ impl Core {
             }
         };
         let mut events: Vec<SignedPdu> = res.events.iter().filter_map(|raw| self.verify_pdu(rules, raw).ok()).collect();
+        // Only what we do not hold at all: events we keep as outliers (typically the history
+        // from before we joined, from send_join) stay outliers — pulling them into the DAG
+        // would graft that old history on as new forward extremities.
+        events.retain(|s| matches!(self.stored_pdu(&s.event_id), Ok(None)));
         events.sort_by_key(|s| s.pdu.depth);
         for s in events {
             let raw =
