@@ -57,10 +57,7 @@ pub fn valid_media_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn new_media_id() -> String {
-    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    (0..MEDIA_ID_LEN).map(|_| CHARS[rand::random::<usize>() % CHARS.len()] as char).collect()
-}
+const MEDIA_ID_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 impl Core {
     /// `mxc://<this server>/<media_id>`.
@@ -80,7 +77,7 @@ impl Core {
     /// Records uploaded `content` under a new media id, durably; returns the id. The content
     /// must already be durable in the media store.
     pub async fn create_media(&self, uploader: &UserId, content: MediaContent) -> Result<String> {
-        let id = new_media_id();
+        let id = self.random_chars(MEDIA_ID_CHARS, MEDIA_ID_LEN);
         let record = MediaRecord {
             uploader: uploader.to_owned(),
             created_ms: self.now_ms(),
@@ -97,7 +94,7 @@ impl Core {
     /// it and when it lapses. At most `max_pending` reservations per user are open at once;
     /// lapsed ones are dropped here.
     pub async fn reserve_media(&self, uploader: &UserId, max_pending: usize) -> Result<(String, u64)> {
-        let id = new_media_id();
+        let id = self.random_chars(MEDIA_ID_CHARS, MEDIA_ID_LEN);
         let now = self.now_ms();
         let expires = now.saturating_add(PENDING_TTL_MS);
         let user_prefix = prefix(&[uploader.as_bytes()]);

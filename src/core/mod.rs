@@ -215,6 +215,9 @@ pub struct Core {
     typing: typing::TypingState,
     /// Serialises read-modify-write updates of per-user data (receipts, tags, push rules).
     user_data_lock: tokio::sync::Mutex<()>,
+    /// Every random choice of the protocol (ids, tokens, salts, backoff jitter) comes from here,
+    /// so a simulation replays from its seed; production seeds it from the OS.
+    rng: StdMutex<rand::rngs::StdRng>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -228,12 +231,25 @@ const META_STREAM: &[u8] = b"stream_pos";
 const META_STATE_GROUP: &[u8] = b"state_group";
 
 impl Core {
-    /// Open the core over `store`. Checks (or records) the schema version.
+    /// Open the core over `store`. Checks (or records) the schema version. Random choices are
+    /// seeded from the operating system.
     pub fn open(
         store: Arc<dyn KvStore>,
         identity: Identity,
         clock: Arc<dyn Clock>,
         limits: Limits,
+    ) -> Result<Arc<Self>> {
+        Self::open_with_rng(store, identity, clock, limits, rand::SeedableRng::from_entropy())
+    }
+
+    /// [`Core::open`] with the source of every random choice given: the simulator passes a
+    /// seeded one so that a run replays exactly.
+    pub fn open_with_rng(
+        store: Arc<dyn KvStore>,
+        identity: Identity,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        rng: rand::rngs::StdRng,
     ) -> Result<Arc<Self>> {
         match store.get(Tree::Meta, META_SCHEMA)? {
             None => {
@@ -275,6 +291,7 @@ impl Core {
             started_ms,
             typing: typing::TypingState::default(),
             user_data_lock: tokio::sync::Mutex::new(()),
+            rng: StdMutex::new(rng),
         }))
     }
 
@@ -379,6 +396,20 @@ impl Core {
             }
         });
         Ok(out)
+    }
+
+    /// A random value from the core's generator (see [`Core::open_with_rng`]).
+    pub(crate) fn random<T>(&self) -> T
+    where
+        rand::distributions::Standard: rand::distributions::Distribution<T>,
+    {
+        rand::Rng::gen(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `n` random characters from `chars`.
+    pub(crate) fn random_chars(&self, chars: &[u8], n: usize) -> String {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        (0..n).map(|_| chars[rand::Rng::gen_range(&mut *rng, 0..chars.len())] as char).collect()
     }
 
     /// Read a JSON record.

@@ -56,6 +56,11 @@ pub struct StoredPdu {
     /// as an auth event or as state at some point, or soft-failed.
     #[serde(default)]
     pub outlier: bool,
+    /// Soft-failed (spec: fails the auth rules against the room's current state): part of the
+    /// DAG — its state is recorded, so later events can build on it — but not in the timeline,
+    /// not a forward extremity, and no part of the room's current state.
+    #[serde(default)]
+    pub soft_failed: bool,
 }
 
 /// A local user's membership of a room, as sync and `joined_rooms` see it.
@@ -95,6 +100,8 @@ struct Prepared {
     /// after (an event on a side branch of the DAG).
     room_state: Option<Arc<StateMap>>,
     txn: Option<(String, String)>,
+    /// Store it soft-failed (see [`StoredPdu::soft_failed`]).
+    soft_failed: bool,
 }
 
 /// The working view of a room while events are appended.
@@ -330,7 +337,15 @@ impl Core {
         ctx.extremities = vec![signed.event_id.clone()];
         ctx.record.max_depth += 1;
         ctx.pending.insert(signed.event_id.clone(), signed.pdu.clone());
-        Ok(Prepared { signed, before, before_group: BeforeGroup::Current, state_after, room_state: None, txn })
+        Ok(Prepared {
+            signed,
+            before,
+            before_group: BeforeGroup::Current,
+            state_after,
+            room_state: None,
+            txn,
+            soft_failed: false,
+        })
     }
 
     fn check_redaction_allowed(&self, ctx: &RoomCtx, sender: &UserId, target: Option<&EventId>) -> Result<()> {
@@ -410,6 +425,20 @@ impl Core {
                 }
                 None => before_sg,
             };
+            if p.soft_failed {
+                let stored = StoredPdu {
+                    json: serde_json::to_string(&p.signed.object).map_err(|e| Error::Internal(e.to_string()))?,
+                    pos,
+                    state_before: before_sg,
+                    state_after: after_sg,
+                    txn: None,
+                    redacted_by: None,
+                    outlier: false,
+                    soft_failed: true,
+                };
+                batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
+                continue;
+            }
             // The room's current state after this event.
             let (new_room_sg, new_room_map) = match &p.room_state {
                 None => (after_sg, p.state_after.clone().unwrap_or_else(|| p.before.clone())),
@@ -450,13 +479,19 @@ impl Core {
                 txn: p.txn.clone(),
                 redacted_by: None,
                 outlier: false,
+                soft_failed: false,
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
             for prev in &pdu.prev_events {
                 batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
+                batch.put(Tree::Referenced, key(&[room_id.as_bytes(), prev.as_bytes()]), Vec::new());
             }
-            batch.put(Tree::Extremities, key(&[room_id.as_bytes(), id.as_bytes()]), id.as_bytes().to_vec());
+            // An event some accepted event already builds on (we got the child first, its
+            // history later) is not a forward extremity.
+            if self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), id.as_bytes()]))?.is_none() {
+                batch.put(Tree::Extremities, key(&[room_id.as_bytes(), id.as_bytes()]), id.as_bytes().to_vec());
+            }
             if let Some((dev, txn)) = &p.txn {
                 batch.put(
                     Tree::TxnIds,
@@ -705,23 +740,29 @@ impl Core {
             return Ok(PduOutcome::Rejected(format!("state before the event: {e}")));
         }
         // 6. Passes authorization rules based on the current state of the room, otherwise it
-        //    is "soft failed": kept, but neither shown to clients nor built upon.
-        if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+        //    is "soft failed": kept in the DAG (events that build on it must still connect),
+        //    but neither shown to clients nor built upon by us.
+        let soft_failed = match check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
             ctx.state.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
         }) {
-            tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
-            self.store_outliers(rules, vec![signed]).await?;
-            return Ok(PduOutcome::SoftFailed);
-        }
+            Ok(()) => false,
+            Err(e) => {
+                tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
+                true
+            }
+        };
         let state_after = signed.pdu.state_key.as_ref().map(|k| {
             let mut s = (*before).clone();
             s.insert((signed.pdu.kind.to_string(), k.clone()), signed.event_id.clone());
             Arc::new(s)
         });
-        let mut prepared = Prepared { signed, before, before_group, state_after, room_state: None, txn: None };
-        prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+        let mut prepared =
+            Prepared { signed, before, before_group, state_after, room_state: None, txn: None, soft_failed };
+        if !soft_failed {
+            prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+        }
         self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
-        Ok(PduOutcome::Accepted)
+        Ok(if soft_failed { PduOutcome::SoftFailed } else { PduOutcome::Accepted })
     }
 
     /// Start keeping a room this node just joined through another server: `state` is the
@@ -737,19 +778,6 @@ impl Core {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
         let rules = rules_for(version)?;
-        if self.room(room_id)?.is_some() {
-            drop(_guard);
-            let id = join.event_id.clone();
-            // The send_join answer says what the state before our join is; our own copy of the
-            // room may not have reached the resident's extremities yet.
-            return match self.store_remote_pdu(room_id, &rules, join, Some(state)).await? {
-                super::federation::receive::PduOutcome::Rejected(why) => Err(Error::Forbidden(why)),
-                _ => {
-                    tracing::debug!(event_id = %id, "joined a room already known");
-                    Ok(())
-                }
-            };
-        }
         check_state_dependent_auth_rules(&rules.authorization, &join.pdu, |t, k| {
             state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
         })
@@ -757,16 +785,40 @@ impl Core {
         let before = Arc::new(state);
         let mut after = (*before).clone();
         after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
-        let mut record =
-            RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth };
+        // A room we already keep (a copy from before we left, or a concurrent join by another
+        // local user): the join is one more forward extremity, and the room's state is
+        // resolved over all of them — our copy may know events the resident did not.
+        let (mut record, room_state) = match self.room(room_id)? {
+            Some(_) => {
+                let ctx = self.room_ctx(room_id)?;
+                let probe = Prepared {
+                    signed: join.clone(),
+                    before: before.clone(),
+                    before_group: BeforeGroup::New,
+                    state_after: Some(Arc::new(after.clone())),
+                    room_state: None,
+                    txn: None,
+                    soft_failed: false,
+                };
+                let rs = self.room_state_with(&ctx, &probe)?;
+                let mut record = ctx.record;
+                record.max_depth = record.max_depth.max(join.pdu.depth);
+                (record, Some(rs))
+            }
+            None => (
+                RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
+                None,
+            ),
+        };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {
             signed: join,
             before,
             before_group: BeforeGroup::New,
             state_after: Some(Arc::new(after)),
-            room_state: None,
+            room_state,
             txn: None,
+            soft_failed: false,
         };
         let dests = self
             .commit(Batch::new(), |batch, pos, sg| {
@@ -776,6 +828,20 @@ impl Core {
             .await?;
         self.wake_sender(&dests);
         Ok(())
+    }
+
+    /// Up to `limit` events of `room_id`'s timeline after stream position `after`, oldest first,
+    /// with their positions (the simulator's delivery observer reads this).
+    pub fn timeline_after(&self, room_id: &RoomId, after: u64, limit: usize) -> Result<Vec<(u64, OwnedEventId)>> {
+        let p = prefix(&[room_id.as_bytes()]);
+        let from = key(&[room_id.as_bytes(), &(after.saturating_add(1)).to_be_bytes()]);
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan(Tree::Timeline, &p, Some(&from), None, false, limit)? {
+            let Ok(pos) = <[u8; 8]>::try_from(&k[k.len().saturating_sub(8)..]) else { continue };
+            let Ok(id) = EventId::parse(String::from_utf8_lossy(&v).into_owned()) else { continue };
+            out.push((u64::from_be_bytes(pos), id));
+        }
+        Ok(out)
     }
 
     /// Forward extremities of a room.
@@ -805,7 +871,7 @@ impl Core {
         let explicit_room_id = if rules.authorization.room_create_event_id_as_room_id {
             None
         } else {
-            let local: String = (0..18).map(|_| (b'a' + rand::random::<u8>() % 26) as char).collect();
+            let local = self.random_chars(b"abcdefghijklmnopqrstuvwxyz", 18);
             Some(
                 RoomId::parse(format!("!{local}:{}", self.server_name()))
                     .map_err(|e| Error::Internal(e.to_string()))?,
@@ -852,6 +918,7 @@ impl Core {
             state_after: Some(state),
             room_state: None,
             txn: None,
+            soft_failed: false,
         }];
         let profile = self.profile(creator)?;
         let mut member = json!({"membership": "join"});

@@ -56,10 +56,7 @@ pub struct AccountDataEntry {
     pub content: JsonValue,
 }
 
-fn random_string(n: usize) -> String {
-    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    (0..n).map(|_| CHARS[rand::random::<usize>() % CHARS.len()] as char).collect()
-}
+const ALPHANUMERIC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 /// Localparts allowed by the spec's user-ID grammar (lowercase historical set, we are strict).
 pub fn valid_localpart(l: &str) -> bool {
@@ -95,7 +92,7 @@ impl Core {
         }
         let user = self.user_id(localpart)?;
         let password_hash = match password {
-            Some(p) => Some(hash_password(p)?),
+            Some(p) => Some(hash_password(p, self.random())?),
             None => None,
         };
         let rec = UserRecord { password_hash, created_ms: self.now_ms(), ..Default::default() };
@@ -127,9 +124,9 @@ impl Core {
     ) -> Result<(OwnedDeviceId, String)> {
         let device: OwnedDeviceId = match device {
             Some(d) => d.to_owned(),
-            None => OwnedDeviceId::from(random_string(10).to_uppercase()),
+            None => OwnedDeviceId::from(self.random_chars(ALPHANUMERIC, 10).to_uppercase()),
         };
-        let token = format!("opt_{}", random_string(32));
+        let token = format!("opt_{}", self.random_chars(ALPHANUMERIC, 32));
         let dk = key(&[user.as_bytes(), device.as_bytes()]);
         let mut b = Batch::new();
         let existing: Option<DeviceRecord> = self.get_json(Tree::Devices, &dk)?;
@@ -289,7 +286,7 @@ impl Core {
 
     /// Store a filter and return its id.
     pub async fn create_filter(&self, user: &UserId, filter: JsonValue) -> Result<String> {
-        let id = random_string(12);
+        let id = self.random_chars(ALPHANUMERIC, 12);
         let mut b = Batch::new();
         b.put(Tree::Filters, key(&[user.as_bytes(), id.as_bytes()]), to_json(&filter));
         self.commit(b, |_, _, _| Ok(())).await?;
@@ -302,8 +299,8 @@ impl Core {
     }
 }
 
-fn hash_password(p: &str) -> Result<String> {
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| Error::Internal(e.to_string()))?;
+fn hash_password(p: &str, salt: [u8; 16]) -> Result<String> {
+    let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Internal(e.to_string()))?;
     Argon2::default()
         .hash_password(p.as_bytes(), &salt)
         .map(|h| h.to_string())

@@ -84,4 +84,8 @@ impl KvStore for MemoryStore {
     fn size_on_disk(&self) -> u64 {
         0
     }
+
+    fn flush_is_instant(&self) -> bool {
+        true
+    }
 }

@@ -63,6 +63,10 @@ pub enum Tree {
     StateGroups,
     /// `room_id 0xff event_id → ()`: forward extremities.
     Extremities,
+    /// `room_id 0xff event_id → ()`: events some accepted event of the room names among its
+    /// `prev_events` — they can never (again) be forward extremities, even if they are stored
+    /// after that child (history filled in later).
+    Referenced,
     /// `user_id 0xff room_id → Membership` (the user's own view of their rooms).
     UserRooms,
     /// `user_id 0xff room_id-or-empty 0xff type → AccountData`.
@@ -151,6 +155,7 @@ impl Tree {
             Tree::RoomState => 9,
             Tree::StateGroups => 10,
             Tree::Extremities => 11,
+            Tree::Referenced => 19,
             Tree::UserRooms => 12,
             Tree::AccountData => 13,
             Tree::Filters => 14,
@@ -249,6 +254,12 @@ pub trait KvStore: Send + Sync + 'static {
     fn flush(&self) -> StoreResult<()>;
     /// Approximate bytes used on disk.
     fn size_on_disk(&self) -> u64;
+    /// Whether [`KvStore::flush`] is cheap enough to run inline on the async thread (an
+    /// in-memory store). [`GroupCommit`] then skips the blocking pool, which also keeps a
+    /// simulation on tokio's paused clock deterministic.
+    fn flush_is_instant(&self) -> bool {
+        false
+    }
 
     /// Insert one key (convenience for a one-op batch).
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> StoreResult<()> {
@@ -327,7 +338,8 @@ pub fn prefix(parts: &[&[u8]]) -> Vec<u8> {
 /// Group commit: many writers ask for durability, one flush serves all who wrote before it.
 ///
 /// Call [`GroupCommit::wrote`] after applying a batch, then `.await` [`GroupCommit::durable`] with
-/// the ticket before acknowledging. Flushes run on tokio's blocking pool.
+/// the ticket before acknowledging. Flushes run on tokio's blocking pool (inline for a store whose
+/// flush is instant).
 pub struct GroupCommit {
     written: AtomicU64,
     flushed: AtomicU64,
@@ -362,10 +374,14 @@ impl GroupCommit {
             return Ok(());
         }
         let target = self.written.load(Ordering::SeqCst);
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.flush())
-            .await
-            .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))??;
+        if store.flush_is_instant() {
+            store.flush()?;
+        } else {
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.flush())
+                .await
+                .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))??;
+        }
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.flushed.store(target, Ordering::SeqCst);
         Ok(())

@@ -14,29 +14,15 @@ use std::sync::Arc;
 use crate::api::{error::ApiResult, ruma_wrapper::Ruma, AppState};
 use crate::core::{Core, Error};
 
-/// Join a room: locally when this node is in it, otherwise through another server (`via`, the
-/// server that invited us, or the room id's server part).
+/// Join a room (see [`Core::join_room`]).
 async fn join(
     core: &Arc<Core>,
     user: &UserId,
     room: &RoomId,
     reason: Option<String>,
-    mut via: Vec<OwnedServerName>,
+    via: Vec<OwnedServerName>,
 ) -> Result<OwnedRoomId, Error> {
-    if core.room(room)?.is_some() {
-        core.set_membership(user, room, user, "join", reason, None).await?;
-        return Ok(room.to_owned());
-    }
-    if let Some(inv) = core.pending_invite(user, room)? {
-        via.extend(inv.via);
-    }
-    if let Some(s) = room.server_name() {
-        via.push(s.to_owned());
-    }
-    if via.is_empty() {
-        return Err(Error::NotFound("this node is not in that room and knows no server to join through".into()));
-    }
-    core.join_remote(user, room, &via).await
+    core.join_room(user, room, reason, via).await
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/join`

@@ -150,6 +150,7 @@ impl Core {
             txn: None,
             redacted_by: None,
             outlier: true,
+            soft_failed: false,
         };
         let already_member = self.room(room)?.is_some();
         self.commit(Batch::new(), |b, pos, _| {
@@ -284,6 +285,42 @@ impl Core {
         rs.state = state_pdus;
         rs.servers_in_room = Some(self.servers_in_room(room)?.into_iter().map(|s| s.to_string()).collect());
         Ok(rs)
+    }
+
+    /// Join `user` to `room`, as `/join` does. While this node is in the room (one of its users
+    /// is joined) the join is built on its own copy of the room. Otherwise it goes through
+    /// another server — `via`, the server that invited us, the room id's server part, then the
+    /// servers of our last known state of the room — even when this node kept a copy from
+    /// before it left: that copy is stale (nobody sends events to a server that left), and a
+    /// join built on it could fail against the current state and be soft-failed everywhere
+    /// but here.
+    pub async fn join_room(
+        self: &Arc<Self>,
+        user: &UserId,
+        room: &RoomId,
+        reason: Option<String>,
+        mut via: Vec<OwnedServerName>,
+    ) -> Result<OwnedRoomId> {
+        let resident = self.room(room)?.is_some() && self.servers_in_room(room)?.contains(self.server_name());
+        if resident {
+            self.set_membership(user, room, user, "join", reason, None).await?;
+            return Ok(room.to_owned());
+        }
+        if let Some(inv) = self.pending_invite(user, room)? {
+            via.extend(inv.via);
+        }
+        if let Some(s) = room.server_name() {
+            via.push(s.to_owned());
+        }
+        if self.room(room)?.is_some() {
+            via.extend(self.servers_in_room(room)?);
+        }
+        let mut seen = BTreeSet::new();
+        via.retain(|s| s.as_str() != self.server_name().as_str() && seen.insert(s.clone()));
+        if via.is_empty() {
+            return Err(Error::NotFound("this node is not in that room and knows no server to join through".into()));
+        }
+        self.join_remote(user, room, &via).await
     }
 
     /// Join `user` to a room this node is not in, through one of `via` (make_join, then

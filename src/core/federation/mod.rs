@@ -61,6 +61,16 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<http::Response<Bytes>, TransportError>>;
 }
 
+/// Whether `e`, from handling a federation request or a PDU, is a failure to reach another
+/// server (worth retrying) rather than an answer (see [`Core::federation_request`]).
+pub(crate) fn is_transient(e: &Error) -> bool {
+    matches!(e, Error::Unknown(m) if m.starts_with(TRANSPORT_FAILED))
+}
+
+/// Prefix of the error [`Core::federation_request`] returns when the request did not get an
+/// answer.
+const TRANSPORT_FAILED: &str = "federation: no answer: ";
+
 /// The public key map naming `servers` by their self-certifying names (`ed25519:p2p`).
 pub fn key_map_for<'a>(servers: impl IntoIterator<Item = &'a ServerName>) -> Result<PublicKeyMap> {
     let mut map = PublicKeyMap::new();
@@ -110,8 +120,10 @@ impl Core {
             .map_err(|e| Error::Internal(format!("cannot build federation request: {e}")))?;
         let _ = MatrixVersion::V1_1;
         let http_req = http_req.map(Bytes::from);
-        let res =
-            transport.send(dest.to_owned(), http_req).await.map_err(|e| Error::Unknown(format!("federation: {e}")))?;
+        let res = transport
+            .send(dest.to_owned(), http_req)
+            .await
+            .map_err(|e| Error::Unknown(format!("{TRANSPORT_FAILED}{e}")))?;
         if let Some(e) = remote_error(dest, &res) {
             return Err(e);
         }

@@ -88,6 +88,7 @@ impl Core {
             return Ok(BTreeMap::new());
         }
         let mut results = BTreeMap::new();
+        let mut retry = false;
         for raw in pdus {
             #[derive(serde::Deserialize)]
             struct RoomOf {
@@ -104,8 +105,18 @@ impl Core {
                 Ok((id, _)) => {
                     results.insert(id, Ok(()));
                 }
+                Err(e) if super::is_transient(&e) => {
+                    tracing::info!(%origin, %room, error = %e, "PDU not processed; the transaction will be retried");
+                    retry = true;
+                }
                 Err(e) => tracing::info!(%origin, %room, error = %e, "PDU not processed"),
             }
+        }
+        if retry {
+            // Answering 200 would drop the PDU for good: the sender deletes what we
+            // acknowledge. Fail the transaction instead; the sender's durable queue sends it
+            // again (what we did accept is then a duplicate).
+            return Err(Error::Unknown("could not fetch what some PDUs depend on; retry the transaction".into()));
         }
         self.receive_edus(origin, edus).await?;
         self.set_last_txn(origin, txn_id).await?;
@@ -260,6 +271,10 @@ impl Core {
     /// placed in the timeline).
     pub(crate) async fn store_outliers(&self, rules: &RoomVersionRules, events: Vec<SignedPdu>) -> Result<()> {
         for s in events {
+            // Never downgrade what we already have (an event of the DAG stays in it).
+            if self.stored_pdu(&s.event_id)?.is_some() {
+                continue;
+            }
             if check_state_independent_auth_rules(&rules.authorization, &s.pdu, |id: &EventId| {
                 self.pdu(id).ok().flatten()
             })
@@ -276,6 +291,7 @@ impl Core {
                 txn: None,
                 redacted_by: None,
                 outlier: true,
+                soft_failed: false,
             };
             // Each is applied at once so later ones can find it as an auth event; the commit
             // below makes them durable together.
@@ -306,6 +322,10 @@ impl Core {
             }
         };
         let mut events: Vec<SignedPdu> = res.events.iter().filter_map(|raw| self.verify_pdu(rules, raw).ok()).collect();
+        // Only what we do not hold at all: events we keep as outliers (typically the history
+        // from before we joined, from send_join) stay outliers — pulling them into the DAG
+        // would graft that old history on as new forward extremities.
+        events.retain(|s| matches!(self.stored_pdu(&s.event_id), Ok(None)));
         events.sort_by_key(|s| s.pdu.depth);
         for s in events {
             let raw =

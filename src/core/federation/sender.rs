@@ -148,7 +148,9 @@ impl Core {
                 tokio::spawn(async move { core.deliver(dest).await });
             }
             let sleep = next_wake.map(|w| Duration::from_millis(w.saturating_sub(self.now_ms()).max(10)));
+            // `biased`: poll in a fixed order, so a simulation replays the same from its seed.
             tokio::select! {
+                biased;
                 _ = self.sender.wake.notified() => {}
                 _ = async { match sleep { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
                 _ = shutdown.changed() => { if *shutdown.borrow() { return; } }
@@ -178,7 +180,7 @@ impl Core {
                 Err(_) => {
                     st.failures = st.failures.saturating_add(1);
                     let exp = BACKOFF_MS_MIN.saturating_mul(1 << st.failures.min(16).saturating_sub(1));
-                    let jitter = rand::random::<u64>() % (exp / 4 + 1);
+                    let jitter = self.random::<u64>() % (exp / 4 + 1);
                     st.retry_at_ms = now + exp.min(BACKOFF_MS_MAX) + jitter;
                     st.pending = true;
                 }

@@ -11,16 +11,29 @@ use crate::core::{pdu::Pdu, Core, Error, Result};
 pub const MAX_EVENTS_PER_ANSWER: usize = 100;
 
 impl Core {
-    /// Fail unless `origin` has (or had, at `at`) a joined member in `room`.
+    /// Fail unless `origin` has a joined member in `room`, or had one just before or after
+    /// `at`, or `at` is a membership event about one of its users (a server that was kicked or
+    /// banned, or is being let back in, must be able to fetch the history leading to that).
     pub fn require_server_in_room(&self, origin: &ServerName, room: &RoomId, at: Option<&EventId>) -> Result<()> {
         if self.servers_in_room(room)?.contains(origin) {
             return Ok(());
         }
         if let Some(e) = at {
             if let Some(stored) = self.stored_pdu(e)? {
-                let st = self.state_after(&stored)?;
-                if self.servers_in_state(&st, &|_| None)?.contains(origin) {
+                let about_origin = Pdu::from_json(e.to_owned(), &stored.json).ok().is_some_and(|p| {
+                    p.kind == ruma::events::TimelineEventType::RoomMember
+                        && p.state_key
+                            .as_deref()
+                            .and_then(|k| ruma::UserId::parse(k).ok())
+                            .is_some_and(|u| u.server_name() == origin)
+                });
+                if about_origin && !stored.outlier {
                     return Ok(());
+                }
+                for st in [self.state_after(&stored)?, self.state_of_group(stored.state_before)?] {
+                    if self.servers_in_state(&st, &|_| None)?.contains(origin) {
+                        return Ok(());
+                    }
                 }
             }
         }
