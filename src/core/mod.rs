@@ -43,6 +43,11 @@ use crate::{
     store::{Batch, GroupCommit, KvStore, StoreError, Tree},
 };
 
+tokio::task_local! {
+    /// Set, to the core's [`Core::id`], inside [`Core::with_deferred_flush`].
+    static DEFERRED_FLUSH: usize;
+}
+
 /// Schema version of the key layout (see `docs/storage.md`). Bump on incompatible change.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -203,6 +208,8 @@ pub struct Core {
     typing: typing::TypingState,
     /// Serialises read-modify-write updates of per-user data (receipts, tags, push rules).
     user_data_lock: tokio::sync::Mutex<()>,
+    /// Unread-count contributions already evaluated (see `push.rs`).
+    pub(crate) unread_memo: push::UnreadMemo,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -262,6 +269,7 @@ impl Core {
             started_ms,
             typing: typing::TypingState::default(),
             user_data_lock: tokio::sync::Mutex::new(()),
+            unread_memo: Default::default(),
         }))
     }
 
@@ -353,6 +361,10 @@ impl Core {
             *c = next;
             (out, self.commit.wrote(), next.stream_pos)
         };
+        if DEFERRED_FLUSH.try_with(|core| *core == self.id()).unwrap_or(false) {
+            // Inside `with_deferred_flush`: the flush at its end makes this durable and visible.
+            return Ok(out);
+        }
         self.commit.durable(&self.store, ticket).await?;
         self.visible.send_if_modified(|v| {
             if pos > *v {
@@ -363,6 +375,22 @@ impl Core {
             }
         });
         Ok(out)
+    }
+
+    /// Run `work` with this core's commits applied but neither flushed nor published to syncs,
+    /// then make all of them durable and visible with one flush. Used for the PDUs of one
+    /// incoming transaction: one flush (and one wake-up of syncing clients) per transaction
+    /// instead of one per PDU; the peer still gets its answer only after the flush. Tasks that
+    /// `work` spawns, and other cores, commit as usual.
+    pub(crate) async fn with_deferred_flush<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T> {
+        let out = DEFERRED_FLUSH.scope(self.id(), work).await;
+        self.commit(Batch::new(), |_, _, _| Ok(())).await?;
+        Ok(out)
+    }
+
+    /// Identifies this core among the cores of the process (for `DEFERRED_FLUSH`).
+    fn id(&self) -> usize {
+        self as *const Self as usize
     }
 
     /// Read a JSON record.

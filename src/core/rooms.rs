@@ -631,6 +631,10 @@ impl Core {
                 self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;
+        if prepared.signed.pdu.redacts_target.is_some() {
+            // A redacted event no longer counts as unread (push.rs memoises the counts).
+            self.unread_memo.invalidate();
+        }
         self.wake_sender(&dests);
         Ok(())
     }
