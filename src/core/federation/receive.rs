@@ -81,6 +81,19 @@ impl Core {
         if self.last_txn(origin)?.as_deref() == Some(txn_id) {
             return Ok(BTreeMap::new());
         }
+        // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
+        self.with_deferred_flush(async {
+            let results = self.receive_pdus(origin, pdus).await;
+            self.set_last_txn(origin, txn_id).await.map(|()| results)
+        })
+        .await?
+    }
+
+    async fn receive_pdus(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        pdus: Vec<Box<RawValue>>,
+    ) -> BTreeMap<OwnedEventId, std::result::Result<(), String>> {
         let mut results = BTreeMap::new();
         for raw in pdus {
             #[derive(serde::Deserialize)]
@@ -101,8 +114,7 @@ impl Core {
                 Err(e) => tracing::info!(%origin, %room, error = %e, "PDU not processed"),
             }
         }
-        self.set_last_txn(origin, txn_id).await?;
-        Ok(results)
+        results
     }
 
     fn last_txn(&self, origin: &ServerName) -> Result<Option<String>> {
