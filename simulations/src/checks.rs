@@ -211,9 +211,9 @@ pub fn analyze(w: &mut World) -> Outcome {
             return true;
         }
         let key = (o.min(d), o.max(d));
-        contacts.get(&key).is_some_and(|iv| {
-            iv.iter().any(|&(s, e)| e.min(end_ms).saturating_sub(s.max(t)) >= CONTACT_MS_MIN)
-        })
+        contacts
+            .get(&key)
+            .is_some_and(|iv| iv.iter().any(|&(s, e)| e.min(end_ms).saturating_sub(s.max(t)) >= CONTACT_MS_MIN))
     };
     let soft_failed_at = |d: usize, id: Option<&ruma::EventId>| -> bool {
         let (Some(core), Some(id)) = (w.core(d), id) else { return false };
@@ -266,9 +266,7 @@ pub fn analyze(w: &mut World) -> Outcome {
                     got += 1;
                     hidden += 1;
                 }
-                None if missing.len() < 5 => {
-                    missing.push(format!("message {k} from node {} to node {d}", m.origin))
-                }
+                None if missing.len() < 5 => missing.push(format!("message {k} from node {} to node {d}", m.origin)),
                 None => {}
             }
         }
@@ -294,7 +292,9 @@ pub fn analyze(w: &mut World) -> Outcome {
             state_expected += 1;
             match w.core(d).map(|core| core.stored_pdu(id)) {
                 Some(Ok(Some(s))) if !s.outlier => state_got += 1,
-                _ if missing.len() < 5 => missing.push(format!("{} change {id} from node {} to node {d}", c.kind, c.node)),
+                _ if missing.len() < 5 => {
+                    missing.push(format!("{} change {id} from node {} to node {d}", c.kind, c.node))
+                }
                 _ => {}
             }
         }

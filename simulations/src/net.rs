@@ -365,12 +365,8 @@ impl Transport for SimTransport {
         dest: OwnedServerName,
         req: http::Request<Bytes>,
     ) -> BoxFuture<'static, Result<http::Response<Bytes>, TransportError>> {
-        let this = SimTransport {
-            net: self.net.clone(),
-            me: self.me,
-            name: self.name.clone(),
-            alive: self.alive.clone(),
-        };
+        let this =
+            SimTransport { net: self.net.clone(), me: self.me, name: self.name.clone(), alive: self.alive.clone() };
         Box::pin(async move {
             let started = Instant::now();
             if !this.alive.load(Ordering::SeqCst) {

@@ -162,7 +162,11 @@ impl Node {
         core.set_transport(net.transport(self.idx, alive.clone()));
         let media = Media::new(
             Arc::new(MemoryMediaStore::default()),
-            MediaLimits { max_upload_bytes: 1 << 20, thumbnail_source_pixels_max: 1 << 20, pending_uploads_per_user_max: 1 },
+            MediaLimits {
+                max_upload_bytes: 1 << 20,
+                thumbnail_source_pixels_max: 1 << 20,
+                pending_uploads_per_user_max: 1,
+            },
         );
         let mut config = Config::default();
         config.mesh.enabled = false;

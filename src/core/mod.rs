@@ -43,6 +43,11 @@ use crate::{
     store::{Batch, GroupCommit, KvStore, StoreError, Tree},
 };
 
+tokio::task_local! {
+    /// Set, to the core's [`Core::id`], inside [`Core::with_deferred_flush`].
+    static DEFERRED_FLUSH: usize;
+}
+
 /// Schema version of the key layout (see `docs/storage.md`). Bump on incompatible change.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -218,6 +223,8 @@ pub struct Core {
     /// Every random choice of the protocol (ids, tokens, salts, backoff jitter) comes from here,
     /// so a simulation replays from its seed; production seeds it from the OS.
     rng: StdMutex<rand::rngs::StdRng>,
+    /// Unread-count contributions already evaluated (see `push.rs`).
+    pub(crate) unread_memo: push::UnreadMemo,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -292,6 +299,7 @@ impl Core {
             typing: typing::TypingState::default(),
             user_data_lock: tokio::sync::Mutex::new(()),
             rng: StdMutex::new(rng),
+            unread_memo: Default::default(),
         }))
     }
 
@@ -385,6 +393,10 @@ impl Core {
             let wake = self.fed.take_staged_wakes();
             (out, self.commit.wrote(), next.stream_pos, wake)
         };
+        if DEFERRED_FLUSH.try_with(|core| *core == self.id()).unwrap_or(false) {
+            // Inside `with_deferred_flush`: the flush at its end makes this durable and visible.
+            return Ok(out);
+        }
         self.commit.durable(&self.store, ticket).await?;
         self.wake_sender(&wake);
         self.visible.send_if_modified(|v| {
@@ -410,6 +422,22 @@ impl Core {
     pub(crate) fn random_chars(&self, chars: &[u8], n: usize) -> String {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         (0..n).map(|_| chars[rand::Rng::gen_range(&mut *rng, 0..chars.len())] as char).collect()
+    }
+
+    /// Run `work` with this core's commits applied but neither flushed nor published to syncs,
+    /// then make all of them durable and visible with one flush. Used for the PDUs of one
+    /// incoming transaction: one flush (and one wake-up of syncing clients) per transaction
+    /// instead of one per PDU; the peer still gets its answer only after the flush. Tasks that
+    /// `work` spawns, and other cores, commit as usual.
+    pub(crate) async fn with_deferred_flush<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T> {
+        let out = DEFERRED_FLUSH.scope(self.id(), work).await;
+        self.commit(Batch::new(), |_, _, _| Ok(())).await?;
+        Ok(out)
+    }
+
+    /// Identifies this core among the cores of the process (for `DEFERRED_FLUSH`).
+    fn id(&self) -> usize {
+        self as *const Self as usize
     }
 
     /// Read a JSON record.

@@ -11,7 +11,11 @@
 //! ([`Ruleset::get_actions`] with a [`PushConditionRoomCtx`] built from the room's state). At
 //! most `limits.unread_scan_events_max` events are looked at per room (newest first), so a
 //! room with more unread events reports at least that many. Redacted events and events from
-//! before the user joined do not count.
+//! before the user joined do not count. What each event adds to a user's counts is evaluated
+//! once and memoised ([`UnreadMemo`], bounded), as Synapse stores push actions once per event:
+//! a long-polling client that wakes for every new event does not re-evaluate the rules for every
+//! older unread event each time. The memo is cleared when push rules change or an event is
+//! redacted.
 //!
 //! Pushers are stored and listed; nothing is delivered to push gateways (there is no internet
 //! on a mesh; a gateway on the local network could be added later).
@@ -32,6 +36,67 @@ use super::{
     to_json, Core, Error, Result,
 };
 use crate::store::{key, prefix, Batch, Tree};
+
+/// Most `(user, event)` entries the unread memo keeps; when full it starts again empty.
+const UNREAD_MEMO_MAX: usize = 50_000;
+
+/// What one event adds to a user's unread counts (before read receipts apply).
+#[derive(Clone, Debug)]
+struct Contribution {
+    thread: Option<String>,
+    notify: bool,
+    highlight: bool,
+}
+
+/// Memoised unread contributions by user and stream position (`None`: the event never counts).
+#[derive(Default)]
+pub struct UnreadMemo {
+    inner: std::sync::Mutex<MemoInner>,
+}
+
+#[derive(Default)]
+struct MemoInner {
+    /// Bumped on every invalidation: an evaluation that started before one is not stored.
+    generation: u64,
+    len: usize,
+    map: BTreeMap<OwnedUserId, BTreeMap<u64, Option<Contribution>>>,
+}
+
+impl UnreadMemo {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn get(&self, user: &UserId, pos: u64) -> Option<Option<Contribution>> {
+        self.lock().map.get(user).and_then(|m| m.get(&pos)).cloned()
+    }
+
+    fn put(&self, generation: u64, user: &UserId, pos: u64, c: Option<Contribution>) {
+        let mut m = self.lock();
+        if m.generation != generation {
+            return;
+        }
+        if m.len >= UNREAD_MEMO_MAX {
+            m.map.clear();
+            m.len = 0;
+        }
+        if m.map.entry(user.to_owned()).or_default().insert(pos, c).is_none() {
+            m.len += 1;
+        }
+    }
+
+    /// Forget everything (push rules changed, or an event was redacted).
+    pub fn invalidate(&self) {
+        let mut m = self.lock();
+        m.generation += 1;
+        m.map.clear();
+        m.len = 0;
+    }
+}
 
 /// The account-data type holding a user's push rules.
 pub const PUSH_RULES: &str = "m.push_rules";
@@ -289,32 +354,31 @@ impl Core {
             let Some((last, _)) = chunk.last() else { break };
             hi = last.clone();
             budget -= chunk.len();
-            for (_, v) in &chunk {
-                let Ok(id) = EventId::parse(String::from_utf8_lossy(v).as_ref()) else { continue };
-                let Some(stored) = self.stored_pdu(&id)? else { continue };
-                if stored.redacted_by.is_some() {
+            for (k, v) in &chunk {
+                // The stream position is the key's last 8 bytes.
+                let pos = k.len().checked_sub(8).and_then(|i| k[i..].try_into().ok()).map(u64::from_be_bytes);
+                let memo = pos.and_then(|pos| self.unread_memo.get(user, pos));
+                let (thread, notify, highlight) = match memo {
+                    Some(Some(c)) => (c.thread, c.notify, c.highlight),
+                    Some(None) => continue,
+                    None => {
+                        let generation = self.unread_memo.generation();
+                        let Ok(id) = EventId::parse(String::from_utf8_lossy(v).as_ref()) else { continue };
+                        let Some(stored) = self.stored_pdu(&id)? else { continue };
+                        let c = self.unread_contribution(user, room, &id, &stored, &mut rules_ctx)?;
+                        if let Some(pos) = pos {
+                            self.unread_memo.put(generation, user, pos, c.clone());
+                        }
+                        match c {
+                            Some(c) => (c.thread, c.notify, c.highlight),
+                            None => continue,
+                        }
+                    }
+                };
+                let Some(pos) = pos else { continue };
+                if pos <= points.for_thread(thread.as_deref()) {
                     continue;
                 }
-                let pdu = Pdu::from_json(id, &stored.json)?;
-                if pdu.sender == user {
-                    continue;
-                }
-                let content = pdu.content_value();
-                let thread = thread_of(&content).map(str::to_owned);
-                if stored.pos <= points.for_thread(thread.as_deref()) {
-                    continue;
-                }
-                let before = self.state_of_group(stored.state_before)?;
-                if self.membership_in(&before, user)?.as_deref() != Some("join") {
-                    continue;
-                }
-                if rules_ctx.is_none() {
-                    rules_ctx = Some((self.push_rules(user)?, self.push_context(user, room)?));
-                }
-                let Some((rules, ctx)) = &rules_ctx else { continue };
-                let actions = self.push_actions(rules, ctx, &pdu);
-                let notify = actions.iter().any(Action::should_notify);
-                let highlight = actions.iter().any(Action::is_highlight);
                 if !notify && !highlight {
                     continue;
                 }
@@ -327,6 +391,42 @@ impl Core {
             }
         }
         Ok(out)
+    }
+
+    /// What event `id` (stored as `stored`) adds to `user`'s unread counts in `room`, before
+    /// read receipts are applied: `None` when it never counts (redacted, sent by the user, or
+    /// from before the user joined).
+    fn unread_contribution(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        id: &EventId,
+        stored: &super::rooms::StoredPdu,
+        rules_ctx: &mut Option<(Ruleset, PushConditionRoomCtx)>,
+    ) -> Result<Option<Contribution>> {
+        if stored.redacted_by.is_some() {
+            return Ok(None);
+        }
+        let pdu = Pdu::from_json(id.to_owned(), &stored.json)?;
+        if pdu.sender == user {
+            return Ok(None);
+        }
+        let content = pdu.content_value();
+        let thread = thread_of(&content).map(str::to_owned);
+        let before = self.state_of_group(stored.state_before)?;
+        if self.membership_in(&before, user)?.as_deref() != Some("join") {
+            return Ok(None);
+        }
+        if rules_ctx.is_none() {
+            *rules_ctx = Some((self.push_rules(user)?, self.push_context(user, room)?));
+        }
+        let Some((rules, ctx)) = rules_ctx.as_ref() else { return Ok(None) };
+        let actions = self.push_actions(rules, ctx, &pdu);
+        Ok(Some(Contribution {
+            thread,
+            notify: actions.iter().any(Action::should_notify),
+            highlight: actions.iter().any(Action::is_highlight),
+        }))
     }
 
     /// The counts to report for a synced room: with `threaded` (the filter's

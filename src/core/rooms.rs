@@ -670,6 +670,10 @@ impl Core {
                 self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;
+        if prepared.signed.pdu.redacts_target.is_some() {
+            // A redacted event no longer counts as unread (push.rs memoises the counts).
+            self.unread_memo.invalidate();
+        }
         self.wake_sender(&dests);
         Ok(())
     }
@@ -805,10 +809,9 @@ impl Core {
                 record.max_depth = record.max_depth.max(join.pdu.depth);
                 (record, Some(rs))
             }
-            None => (
-                RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
-                None,
-            ),
+            None => {
+                (RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth }, None)
+            }
         };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {

@@ -253,7 +253,11 @@ impl Core {
             b.put(Tree::AccountData, k, to_json(&AccountDataEntry { pos: pos(), content }));
             Ok(())
         })
-        .await
+        .await?;
+        if kind == super::push::PUSH_RULES {
+            self.unread_memo.invalidate();
+        }
+        Ok(())
     }
 
     /// One account-data entry.

@@ -87,6 +87,20 @@ impl Core {
         if self.last_txn(origin)?.as_deref() == Some(txn_id) {
             return Ok(BTreeMap::new());
         }
+        // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
+        self.with_deferred_flush(async {
+            let results = self.receive_pdus(origin, pdus).await?;
+            self.receive_edus(origin, edus).await?;
+            self.set_last_txn(origin, txn_id).await.map(|()| results)
+        })
+        .await?
+    }
+
+    async fn receive_pdus(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        pdus: Vec<Box<RawValue>>,
+    ) -> Result<BTreeMap<OwnedEventId, std::result::Result<(), String>>> {
         let mut results = BTreeMap::new();
         let mut retry = false;
         for raw in pdus {
@@ -118,8 +132,6 @@ impl Core {
             // again (what we did accept is then a duplicate).
             return Err(Error::Unknown("could not fetch what some PDUs depend on; retry the transaction".into()));
         }
-        self.receive_edus(origin, edus).await?;
-        self.set_last_txn(origin, txn_id).await?;
         Ok(results)
     }
 

@@ -160,13 +160,21 @@ impl Core {
 
     /// Send queued PDUs to `dest` until its queue is empty or a request fails.
     async fn deliver(self: Arc<Self>, dest: OwnedServerName) {
-        let result = loop {
-            match self.send_one_transaction(&dest).await {
-                Ok(true) => continue,
-                Ok(false) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
+        // Removing delivered PDUs from the queue need not be durable before the next
+        // transaction (after a crash they are sent again, and peers ignore duplicates): one
+        // flush when the queue is drained or delivery fails.
+        let result = self
+            .with_deferred_flush(async {
+                loop {
+                    match self.send_one_transaction(&dest).await {
+                        Ok(true) => continue,
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            })
+            .await
+            .and_then(|r| r);
         let now = self.now_ms();
         self.sender.with(|m| {
             let st = m.entry(dest.clone()).or_default();
