@@ -97,9 +97,7 @@ fn bench_sign(c: &mut Criterion) {
     let rules = rules_for(&RoomVersionId::V12).expect("v12");
     let sender = UserId::parse(format!("@alice:{}", identity.server_name())).expect("user id");
     let room: OwnedRoomId = "!2ZsYMCNzKcD6NwGdZ-2kYbAQbmMXiXw3MKlNCKzbkxw".try_into().expect("room id");
-    let ids: Vec<OwnedEventId> = (0..4)
-        .map(|i| EventId::parse(format!("${:0>43}", i)).expect("event id"))
-        .collect();
+    let ids: Vec<OwnedEventId> = (0..4).map(|i| EventId::parse(format!("${:0>43}", i)).expect("event id")).collect();
     let template = msg("Hello, this is a typical short chat message of about sixty bytes.");
     c.bench_function("event/build_and_sign", |b| {
         b.iter(|| {
@@ -124,9 +122,7 @@ fn bench_verify(c: &mut Criterion) {
     let rules = rules_for(&RoomVersionId::V12).expect("v12");
     let sender = UserId::parse(format!("@bob:{}", remote.server_name())).expect("user id");
     let room: OwnedRoomId = "!2ZsYMCNzKcD6NwGdZ-2kYbAQbmMXiXw3MKlNCKzbkxw".try_into().expect("room id");
-    let ids: Vec<OwnedEventId> = (0..4)
-        .map(|i| EventId::parse(format!("${:0>43}", i)).expect("event id"))
-        .collect();
+    let ids: Vec<OwnedEventId> = (0..4).map(|i| EventId::parse(format!("${:0>43}", i)).expect("event id")).collect();
     let signed = build_and_sign(
         &remote,
         &rules,

@@ -110,7 +110,11 @@ impl Node {
         let deadline = t0 + Duration::from_secs(30);
         loop {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("node {} exited during start ({st}); see {}", self.name, self.dir.with_extension("log").display());
+                panic!(
+                    "node {} exited during start ({st}); see {}",
+                    self.name,
+                    self.dir.with_extension("log").display()
+                );
             }
             if let Ok(r) = self.http.get(self.url("/_matrix/client/versions")).send().await {
                 if r.status().is_success() {
@@ -195,7 +199,10 @@ impl Api {
                 a.iter()
                     .map(|e| {
                         (
-                            (e["type"].as_str().unwrap_or("").to_owned(), e["state_key"].as_str().unwrap_or("").to_owned()),
+                            (
+                                e["type"].as_str().unwrap_or("").to_owned(),
+                                e["state_key"].as_str().unwrap_or("").to_owned(),
+                            ),
                             e["event_id"].as_str().unwrap_or("").to_owned(),
                         )
                     })
@@ -232,7 +239,11 @@ fn bodies(sync: &Value, room: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn poll<T, F: std::future::Future<Output = Option<T>>>(what: &str, limit: Duration, mut f: impl FnMut() -> F) -> T {
+async fn poll<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f().await {
@@ -281,13 +292,18 @@ async fn main() {
         .to_owned();
     poll("invite over QUIC", Duration::from_secs(30), || async {
         let (s, _) = alice
-            .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/invite"), Some(&json!({"user_id": bob_id})))
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/rooms/{room}/invite"),
+                Some(&json!({"user_id": bob_id})),
+            )
             .await;
         (s == 200).then_some(())
     })
     .await;
     poll("bob joins", Duration::from_secs(30), || async {
-        let (s, _) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), Some(&json!({}))).await;
+        let (s, _) =
+            bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), Some(&json!({}))).await;
         (s == 200).then_some(())
     })
     .await;
@@ -298,7 +314,9 @@ async fn main() {
     pl["users"][&bob_id] = json!(100);
     alice.set_state(&room, "m.room.power_levels", "", &pl).await;
     poll("bob's power level reaches B", Duration::from_secs(30), || async {
-        let v = bob.ok(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), None).await;
+        let v = bob
+            .ok(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), None)
+            .await;
         (v["users"][&bob_id] == json!(100)).then_some(())
     })
     .await;
@@ -399,9 +417,9 @@ async fn main() {
                 path.push_str(&format!("&from={f}"));
             }
             let v = bob.ok(reqwest::Method::GET, &path, None).await;
-            n += v["chunk"]
-                .as_array()
-                .map_or(0, |c| c.iter().filter(|e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with("catch-up"))).count());
+            n += v["chunk"].as_array().map_or(0, |c| {
+                c.iter().filter(|e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with("catch-up"))).count()
+            });
             match v["end"].as_str() {
                 Some(e) if v["chunk"].as_array().is_some_and(|c| !c.is_empty()) => from = Some(e.to_owned()),
                 _ => break,

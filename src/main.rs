@@ -189,11 +189,8 @@ fn init_logging(config: &Config) -> Result<(), String> {
     };
     // ruma's auth rules log every check at INFO (several lines per event on every node): keep
     // them at WARN unless the directive names them.
-    let directive = if directive.contains("ruma_state_res") {
-        directive
-    } else {
-        format!("{directive},ruma_state_res=warn")
-    };
+    let directive =
+        if directive.contains("ruma_state_res") { directive } else { format!("{directive},ruma_state_res=warn") };
     let filter = EnvFilter::try_new(&directive).map_err(|e| format!("invalid {source} {directive:?}: {e}"))?;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
