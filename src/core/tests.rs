@@ -207,3 +207,46 @@ async fn acknowledged_events_survive_a_crash() {
     let next = core.send_event(&alice, None, &room, msg("after"), None).await.unwrap();
     assert_eq!(core.pdu(&next).unwrap().unwrap().prev_events, vec![ids.last().unwrap().clone()]);
 }
+
+/// Commits inside `with_deferred_flush` are neither visible to syncs nor flushed until it ends;
+/// then one flush makes all of them durable and visible, and they survive a crash.
+#[tokio::test]
+async fn deferred_commits_share_one_flush_and_become_visible_together() {
+    let store = Arc::new(MemoryStore::default());
+    let core = core_with(store.clone(), [11; 32]);
+    let alice = core.register("alice", None).await.unwrap();
+    let (pos, flushes) = (core.visible_pos(), core.flush_count());
+    core.with_deferred_flush(async {
+        for i in 0..5 {
+            core.set_account_data(&alice, None, &format!("org.example.k{i}"), json!({"i": i})).await.unwrap();
+            assert_eq!(core.visible_pos(), pos, "not visible before the flush");
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(core.visible_pos(), pos + 5);
+    assert_eq!(core.flush_count(), flushes + 1, "one flush for the five commits");
+    drop(core);
+    store.crash();
+    let core = core_with(store, [11; 32]);
+    assert!(core.account_data(&alice, None, "org.example.k4").unwrap().is_some());
+}
+
+/// Unread counts are memoised per event; a redaction still takes the event out of the count.
+#[tokio::test]
+async fn unread_count_drops_a_redacted_event() {
+    let (core, alice, bob, room) = setup(RoomVersionId::V12).await;
+    let first = core.send_event(&alice, None, &room, msg("one"), None).await.unwrap();
+    core.send_event(&alice, None, &room, msg("two"), None).await.unwrap();
+    let count = |core: &Core| core.room_unread(&bob, &room, core.visible_pos(), false).unwrap().room.notification_count;
+    assert_eq!(count(&core), 2);
+    assert_eq!(count(&core), 2, "the same from the memo");
+    let t = PduTemplate {
+        kind: TimelineEventType::RoomRedaction,
+        content: json!({"redacts": first}),
+        state_key: None,
+        redacts: Some(first.clone()),
+    };
+    core.send_event(&alice, None, &room, t, None).await.unwrap();
+    assert_eq!(count(&core), 1, "the redacted message no longer counts (the redaction itself does not notify)");
+}
