@@ -420,6 +420,12 @@ impl Core {
             .ok_or_else(|| Error::BadJson("send_join answer has no create event".into()))?;
         let join_json = serde_json::to_string(&object).map_err(|e| Error::Internal(e.to_string()))?;
         let join = SignedPdu { event_id: event_id.clone(), pdu: Pdu::from_json(event_id.clone(), &join_json)?, object };
+        if self.room(room)?.is_some() {
+            // We kept a copy from before we left: pull what happened since (up to the join),
+            // so that our old forward extremities the resident already built on stop being
+            // extremities; what is left are branches the resident has not seen.
+            self.fetch_missing_prev_events(server, room, &rules, &join.pdu).await?;
+        }
         self.adopt_room(room, &version, create, state, join).await?;
         Ok(room.to_owned())
     }

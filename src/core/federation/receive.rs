@@ -297,7 +297,7 @@ impl Core {
 
     /// Ask `origin` for the events between our forward extremities and `pdu`, and process them
     /// oldest first (without fetching further).
-    async fn fetch_missing_prev_events(
+    pub(crate) async fn fetch_missing_prev_events(
         self: &Arc<Self>,
         origin: &ServerName,
         room: &RoomId,
