@@ -265,6 +265,18 @@ pub fn analyze(w: &mut World) -> Outcome {
                 None if soft_failed_at(d, m.event.as_deref()) => {
                     got += 1;
                     hidden += 1;
+                    if std::env::var_os("OUTPOST_SIM_DUMP").is_some() {
+                        let core = w.core(d);
+                        let id = m.event.clone();
+                        let info = core.zip(id).and_then(|(c, id)| {
+                            let st = c.stored_pdu(&id).ok().flatten()?;
+                            let before = c.state_of_group(st.state_before).ok()?;
+                            let p = c.pdu(&id).ok().flatten()?;
+                            let mem = before.get(&("m.room.member".to_owned(), p.sender.to_string())).cloned();
+                            Some(format!("prevs {} sender member before {:?}", p.prev_events.len(), mem))
+                        });
+                        eprintln!("soft-failed: message {k} from node {} at node {d} sent {} ms: {info:?}", m.origin, m.sent_ms);
+                    }
                 }
                 None if missing.len() < 5 => {
                     missing.push(format!("message {k} from node {} to node {d}", m.origin))
@@ -298,6 +310,15 @@ pub fn analyze(w: &mut World) -> Outcome {
                 _ => {}
             }
         }
+    }
+    // Without state changes nobody loses the right to send: a soft-failed (hidden) message is
+    // a wrong verdict, not the protocol doing its job.
+    let visibility_ok = scn.state_changes.count > 0 || hidden == 0;
+    if !visibility_ok {
+        failures.push(format!(
+            "visibility: {hidden} deliveries were soft-failed (hidden from the recipients) although no membership \
+             changed but joins"
+        ));
     }
     let delivery_ok = match scn.checks.delivery.as_str() {
         "reachable" => got == expected && state_got == state_expected,
@@ -514,6 +535,7 @@ pub fn analyze(w: &mut World) -> Outcome {
     s.insert("net".into(), serde_json::to_value(&stats).unwrap_or(Value::Null));
     s.insert("check_delivery".into(), json!(delivery_ok));
     s.insert("check_durability".into(), json!(durability_ok));
+    s.insert("check_visibility".into(), json!(visibility_ok));
     s.insert("check_convergence".into(), json!(converged));
     s.insert("ok".into(), json!(failures.is_empty()));
     s.insert("virtual_s".into(), json!(end_ms as f64 / 1000.0));

@@ -206,6 +206,9 @@ pub struct Core {
     /// Every random choice of the protocol (ids, tokens, salts, backoff jitter) comes from here,
     /// so a simulation replays from its seed; production seeds it from the OS.
     rng: StdMutex<rand::rngs::StdRng>,
+    /// Rooms this node is joining through another server right now: PDUs for them may arrive
+    /// before the send_join answer (see `federation::receive`).
+    pub(crate) joining: StdMutex<BTreeMap<OwnedRoomId, usize>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -279,6 +282,7 @@ impl Core {
             typing: typing::TypingState::default(),
             user_data_lock: tokio::sync::Mutex::new(()),
             rng: StdMutex::new(rng),
+            joining: StdMutex::new(BTreeMap::new()),
         }))
     }
 

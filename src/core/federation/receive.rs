@@ -99,6 +99,12 @@ impl Core {
                 Ok((id, _)) => {
                     results.insert(id, Ok(()));
                 }
+                // Our join is still on its way (the resident passed us events before its
+                // send_join answer reached us): have the transaction sent again.
+                Err(Error::NotFound(_)) if self.room(&room)?.is_none() && self.is_joining(&room) => {
+                    tracing::debug!(%origin, %room, "PDU for a room we are still joining; retry later");
+                    retry = true;
+                }
                 Err(e) if super::is_transient(&e) => {
                     tracing::info!(%origin, %room, error = %e, "PDU not processed; the transaction will be retried");
                     retry = true;
