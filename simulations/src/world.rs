@@ -596,7 +596,7 @@ impl World {
                     self.restart(i);
                 }
                 self.net_changed();
-                if self.scn.state_changes.count > 0 {
+                if self.scn.state_changes.count > 0 && self.scn.state_changes.reopen_at_end {
                     self.spawn_reopen();
                 }
             }
