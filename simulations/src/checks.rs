@@ -214,9 +214,9 @@ pub fn analyze(w: &mut World) -> Outcome {
             return true;
         }
         let key = (o.min(d), o.max(d));
-        contacts.get(&key).is_some_and(|iv| {
-            iv.iter().any(|&(s, e)| e.min(end_ms).saturating_sub(s.max(t)) >= contact_ms_min)
-        })
+        contacts
+            .get(&key)
+            .is_some_and(|iv| iv.iter().any(|&(s, e)| e.min(end_ms).saturating_sub(s.max(t)) >= contact_ms_min))
     };
     let soft_failed_at = |d: usize, id: Option<&ruma::EventId>| -> bool {
         let (Some(core), Some(id)) = (w.core(d), id) else { return false };
@@ -278,12 +278,13 @@ pub fn analyze(w: &mut World) -> Outcome {
                             let mem = before.get(&("m.room.member".to_owned(), p.sender.to_string())).cloned();
                             Some(format!("prevs {} sender member before {:?}", p.prev_events.len(), mem))
                         });
-                        eprintln!("soft-failed: message {k} from node {} at node {d} sent {} ms: {info:?}", m.origin, m.sent_ms);
+                        eprintln!(
+                            "soft-failed: message {k} from node {} at node {d} sent {} ms: {info:?}",
+                            m.origin, m.sent_ms
+                        );
                     }
                 }
-                None if missing.len() < 5 => {
-                    missing.push(format!("message {k} from node {} to node {d}", m.origin))
-                }
+                None if missing.len() < 5 => missing.push(format!("message {k} from node {} to node {d}", m.origin)),
                 None => {}
             }
         }
@@ -309,7 +310,9 @@ pub fn analyze(w: &mut World) -> Outcome {
             state_expected += 1;
             match w.core(d).map(|core| core.stored_pdu(id)) {
                 Some(Ok(Some(s))) if !s.outlier => state_got += 1,
-                _ if missing.len() < 5 => missing.push(format!("{} change {id} from node {} to node {d}", c.kind, c.node)),
+                _ if missing.len() < 5 => {
+                    missing.push(format!("{} change {id} from node {} to node {d}", c.kind, c.node))
+                }
                 _ => {}
             }
         }

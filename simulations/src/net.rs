@@ -275,9 +275,9 @@ impl SimNet {
             comp[s] = s;
             let mut stack = vec![s];
             while let Some(a) = stack.pop() {
-                for b in 0..n {
-                    if comp[b] == usize::MAX && g.effective[a * n + b] {
-                        comp[b] = s;
+                for (b, c) in comp.iter_mut().enumerate() {
+                    if *c == usize::MAX && g.effective[a * n + b] {
+                        *c = s;
                         stack.push(b);
                     }
                 }
@@ -365,12 +365,8 @@ impl Transport for SimTransport {
         dest: OwnedServerName,
         req: http::Request<Bytes>,
     ) -> BoxFuture<'static, Result<http::Response<Bytes>, TransportError>> {
-        let this = SimTransport {
-            net: self.net.clone(),
-            me: self.me,
-            name: self.name.clone(),
-            alive: self.alive.clone(),
-        };
+        let this =
+            SimTransport { net: self.net.clone(), me: self.me, name: self.name.clone(), alive: self.alive.clone() };
         Box::pin(async move {
             let started = Instant::now();
             if !this.alive.load(Ordering::SeqCst) {

@@ -35,9 +35,16 @@ fn esc(s: &str) -> String {
 }
 
 /// A line chart. `y_max` fixes the y range to `[0, y_max]`; markers are vertical lines.
-fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series], y_max: Option<f64>, markers: &[(f64, String)]) -> String {
-    let (w, h) = (760.0, 400.0);
-    let (ml, mr, mt, mb) = (64.0, 150.0, 36.0, 48.0);
+fn chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    y_max: Option<f64>,
+    markers: &[(f64, String)],
+) -> String {
+    let (w, h) = (800.0, 400.0);
+    let (ml, mr, mt, mb) = (64.0, 190.0, 36.0, 48.0);
     let pw = w - ml - mr;
     let ph = h - mt - mb;
     let all = series.iter().flat_map(|s| s.points.iter());
@@ -199,7 +206,7 @@ pub fn plots(o: &Outcome) -> Vec<(&'static str, String)> {
         "share of nodes in the room",
         &[
             Series { name: "agree with majority", color: "#7a3fb0", points: agree },
-            Series { name: "distinct states (scaled to max)", color: "#e08a1e", points: distinct },
+            Series { name: "distinct states ÷ max", color: "#e08a1e", points: distinct },
         ],
         Some(1.0),
         &markers,
@@ -249,7 +256,8 @@ pub fn markdown(o: &Outcome, replay: &str) -> String {
         }
     }
     let _ = writeln!(m, "| network | {} |", g("net"));
-    let _ = writeln!(m, "\n![delivery](delivery.svg)\n\n![latency](latency_cdf.svg)\n\n![convergence](convergence.svg)\n");
+    let _ =
+        writeln!(m, "\n![delivery](delivery.svg)\n\n![latency](latency_cdf.svg)\n\n![convergence](convergence.svg)\n");
     if !o.faults.is_empty() {
         let _ = writeln!(m, "## Faults and repairs\n");
         for (t, f) in o.faults.iter().take(100) {

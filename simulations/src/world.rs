@@ -11,11 +11,7 @@ use std::{
     time::Duration,
 };
 
-use outpost::core::{
-    pdu::PduTemplate,
-    rooms::CreateRoomSpec,
-    Core,
-};
+use outpost::core::{pdu::PduTemplate, rooms::CreateRoomSpec, Core};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId};
 use serde_json::json;
@@ -299,7 +295,8 @@ impl World {
         // Joins.
         let join_at = ms(scn.room.join_at_s);
         for i in 1..n {
-            let t = join_at + if scn.room.join_spread_s > 0.0 { self.rng.gen_range(0..=ms(scn.room.join_spread_s)) } else { 0 };
+            let t = join_at
+                + if scn.room.join_spread_s > 0.0 { self.rng.gen_range(0..=ms(scn.room.join_spread_s)) } else { 0 };
             self.at(t, Act::Join(i));
         }
         end = end.max(join_at + ms(scn.room.join_spread_s));
@@ -752,7 +749,13 @@ impl World {
             let res: Result<OwnedEventId, String> = async {
                 match kind.as_str() {
                     "topic" => core
-                        .send_event(&me, None, &room, st("m.room.topic", json!({"topic": format!("topic {k} by node {actor}")})), None)
+                        .send_event(
+                            &me,
+                            None,
+                            &room,
+                            st("m.room.topic", json!({"topic": format!("topic {k} by node {actor}")})),
+                            None,
+                        )
                         .await
                         .map_err(|e| e.to_string()),
                     "power_levels" => {
@@ -768,10 +771,10 @@ impl World {
                             .map_err(|e| e.to_string())
                     }
                     "join_rules" => {
-                        let current = core
-                            .state_event(&room, "m.room.join_rules", "")
-                            .map_err(|e| e.to_string())?
-                            .and_then(|p| p.content_value().get("join_rule").and_then(|j| j.as_str()).map(String::from));
+                        let current =
+                            core.state_event(&room, "m.room.join_rules", "").map_err(|e| e.to_string())?.and_then(
+                                |p| p.content_value().get("join_rule").and_then(|j| j.as_str()).map(String::from),
+                            );
                         let next = if current.as_deref() == Some("public") { "invite" } else { "public" };
                         core.send_event(&me, None, &room, st("m.room.join_rules", json!({"join_rule": next})), None)
                             .await
@@ -793,7 +796,8 @@ impl World {
                         if actor == 0 {
                             return Err("node 0 stays".to_owned());
                         }
-                        let r = core.set_membership(&me, &room, &me, "leave", None, None).await.map_err(|e| e.to_string());
+                        let r =
+                            core.set_membership(&me, &room, &me, "leave", None, None).await.map_err(|e| e.to_string());
                         if r.is_ok() {
                             follow = Some((now + rejoin_ms, Act::Join(actor)));
                         }

@@ -8,10 +8,10 @@
 //! return only after [`GroupCommit`] reports the data flushed; then they advance the *visible*
 //! stream position, which wakes long-polling syncs. Read paths never block on writers.
 
-pub mod federation;
 pub mod backup;
 pub mod devices;
 pub mod e2ee;
+pub mod federation;
 pub mod filter;
 pub mod media;
 pub mod pdu;

@@ -830,10 +830,9 @@ impl Core {
                 record.max_depth = record.max_depth.max(join.pdu.depth);
                 (record, Some(rs))
             }
-            None => (
-                RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
-                None,
-            ),
+            None => {
+                (RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth }, None)
+            }
         };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {
@@ -863,7 +862,7 @@ impl Core {
         let mut out = Vec::new();
         for (k, v) in self.store.scan(Tree::Timeline, &p, Some(&from), None, false, limit)? {
             let Ok(pos) = <[u8; 8]>::try_from(&k[k.len().saturating_sub(8)..]) else { continue };
-            let Ok(id) = EventId::parse(String::from_utf8_lossy(&v).into_owned()) else { continue };
+            let Ok(id) = EventId::parse(&*String::from_utf8_lossy(&v)) else { continue };
             out.push((u64::from_be_bytes(pos), id));
         }
         Ok(out)
