@@ -275,9 +275,9 @@ impl SimNet {
             comp[s] = s;
             let mut stack = vec![s];
             while let Some(a) = stack.pop() {
-                for b in 0..n {
-                    if comp[b] == usize::MAX && g.effective[a * n + b] {
-                        comp[b] = s;
+                for (b, c) in comp.iter_mut().enumerate() {
+                    if *c == usize::MAX && g.effective[a * n + b] {
+                        *c = s;
                         stack.push(b);
                     }
                 }

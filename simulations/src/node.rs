@@ -126,8 +126,8 @@ impl Node {
     /// A node whose key and random choices derive from `seed`; not started.
     pub fn new(idx: usize, seed: u64) -> Self {
         let mut key_seed = [0u8; 32];
-        key_seed[..8].copy_from_slice(&mix(seed, idx as u64, 0x6b65_79).to_le_bytes());
-        key_seed[8..16].copy_from_slice(&mix(seed, idx as u64, 0x6b65_7a).to_le_bytes());
+        key_seed[..8].copy_from_slice(&mix(seed, idx as u64, 0x006b_6579).to_le_bytes());
+        key_seed[8..16].copy_from_slice(&mix(seed, idx as u64, 0x006b_657a).to_le_bytes());
         key_seed[16..24].copy_from_slice(&(idx as u64).to_le_bytes());
         key_seed[24..].copy_from_slice(&seed.to_le_bytes());
         let identity = Identity::from_seed(key_seed);
@@ -138,7 +138,7 @@ impl Node {
             name,
             user,
             key_seed,
-            rng_seed: mix(seed, idx as u64, 0x726e_67),
+            rng_seed: mix(seed, idx as u64, 0x0072_6e67),
             mem: Arc::new(MemoryStore::default()),
             live: None,
             incarnation: 0,
@@ -156,7 +156,7 @@ impl Node {
         self.incarnation += 1;
         let alive = Arc::new(AtomicBool::new(true));
         let store: Arc<dyn KvStore> = Arc::new(FencedStore { mem: self.mem.clone(), alive: alive.clone() });
-        let rng = StdRng::seed_from_u64(mix(self.rng_seed, self.incarnation, 0x696e_63));
+        let rng = StdRng::seed_from_u64(mix(self.rng_seed, self.incarnation, 0x0069_6e63));
         let core = Core::open_with_rng(store, Identity::from_seed(self.key_seed), clock, Limits::default(), rng)
             .map_err(|e| format!("node {} cannot open: {e}", self.idx))?;
         core.set_transport(net.transport(self.idx, alive.clone()));

@@ -43,8 +43,8 @@ fn chart(
     y_max: Option<f64>,
     markers: &[(f64, String)],
 ) -> String {
-    let (w, h) = (760.0, 400.0);
-    let (ml, mr, mt, mb) = (64.0, 150.0, 36.0, 48.0);
+    let (w, h) = (800.0, 400.0);
+    let (ml, mr, mt, mb) = (64.0, 190.0, 36.0, 48.0);
     let pw = w - ml - mr;
     let ph = h - mt - mb;
     let all = series.iter().flat_map(|s| s.points.iter());
@@ -206,7 +206,7 @@ pub fn plots(o: &Outcome) -> Vec<(&'static str, String)> {
         "share of nodes in the room",
         &[
             Series { name: "agree with majority", color: "#7a3fb0", points: agree },
-            Series { name: "distinct states (scaled to max)", color: "#e08a1e", points: distinct },
+            Series { name: "distinct states ÷ max", color: "#e08a1e", points: distinct },
         ],
         Some(1.0),
         &markers,

@@ -143,6 +143,9 @@ pub struct StateChangesSpec {
     pub rejoin_after_s: f64,
     /// A ban is lifted after this (and the user tries to join again `rejoin_after_s` later).
     pub unban_after_s: f64,
+    /// At the end of the workload node 0 (the creator) makes the room public again and lifts
+    /// every ban it sees, and every node joins again — so liveness is checked over everyone.
+    pub reopen_at_end: bool,
 }
 
 impl Default for StateChangesSpec {
@@ -154,6 +157,7 @@ impl Default for StateChangesSpec {
             kinds: ["topic", "power_levels", "join_rules", "ban", "membership"].map(String::from).to_vec(),
             rejoin_after_s: 5.0,
             unban_after_s: 10.0,
+            reopen_at_end: true,
         }
     }
 }

@@ -593,6 +593,9 @@ impl World {
                     self.restart(i);
                 }
                 self.net_changed();
+                if self.scn.state_changes.count > 0 && self.scn.state_changes.reopen_at_end {
+                    self.spawn_reopen();
+                }
             }
             Act::Finish => {}
         }
@@ -828,6 +831,37 @@ impl World {
             r.changes.push(Change { node: actor, t_ms: now, kind, event, error, dests });
         });
         self.nodes[actor].track(task.abort_handle());
+    }
+
+    /// After the workload: the creator (node 0, all-powerful in room version 12) makes the
+    /// room public and lifts every ban it sees; then every node whose user is out joins again.
+    /// Liveness is then checked over everyone.
+    fn spawn_reopen(&mut self) {
+        let Some(core) = self.nodes[0].core().cloned() else { return };
+        let sh = self.sh.clone();
+        let n = self.n();
+        let task = tokio::spawn(async move {
+            let room = sh.room();
+            let me = sh.users[0].clone();
+            let public = PduTemplate {
+                kind: TimelineEventType::RoomJoinRules,
+                content: json!({"join_rule": "public"}),
+                state_key: Some(String::new()),
+                redacts: None,
+            };
+            let _ = core.send_event(&me, None, &room, public, None).await;
+            for t in 1..n {
+                if matches!(core.membership(&room, &sh.users[t]), Ok(Some(m)) if m == "ban") {
+                    let _ = core.set_membership(&me, &room, &sh.users[t], "leave", None, None).await;
+                }
+            }
+            let now = sh.now();
+            sh.rec().disturbed(now);
+            for t in 1..n {
+                sh.later(now + 5_000 + 100 * t as u64, Act::Join(t));
+            }
+        });
+        self.nodes[0].track(task.abort_handle());
     }
 
     fn spawn_unban(&mut self, actor: usize, target: usize) {

@@ -9,38 +9,66 @@ use common::sim_ok;
 /// gap filling rejected them ("prev events unknown"), messages were lost and states diverged.
 #[test]
 fn soft_failed_events_stay_in_the_dag() {
-    sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["topic","power_levels","join_rules"]"#]);
+    sim_ok(
+        "partition-heal.toml",
+        1,
+        5,
+        &[r#"state_changes.kinds=["topic","power_levels","join_rules"]"#, "state_changes.reopen_at_end=false"],
+    );
 }
 
 /// A banned server asked the banning server for the history leading to its own ban and got
 /// 403 (not in the room), so it never processed the ban, nor the unban after it.
 #[test]
 fn banned_server_may_fetch_its_own_ban() {
-    sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["ban"]"#]);
+    sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["ban"]"#, "state_changes.reopen_at_end=false"]);
 }
 
 /// Rejoining stored the send_join answer as outliers over events the node already had in its
 /// DAG (its own acknowledged leave among them): acknowledged events vanished.
 #[test]
 fn rejoin_never_downgrades_stored_events() {
-    sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["membership"]"#]);
+    sim_ok(
+        "partition-heal.toml",
+        1,
+        5,
+        &[r#"state_changes.kinds=["membership"]"#, "state_changes.reopen_at_end=false"],
+    );
 }
 
 /// Gap filling grafted the history from before a node's join (held as outliers) into its DAG,
-/// where the oldest event became a forward extremity and dragged old state into resolution.
+/// where the oldest event became a forward extremity and dragged old state into resolution;
+/// and a node rejoining with a stale copy resolved its old extremities as if they were
+/// concurrent with the room's present (fixed: Tree::Referenced, gap filling leaves outliers
+/// alone, rejoin pulls the gap first).
 #[test]
 fn old_history_never_becomes_a_forward_extremity() {
-    sim_ok("partition-heal.toml", 6, 5, &[]);
-    sim_ok("partition-heal.toml", 8, 5, &[]);
+    for seed in [6, 7, 8, 12] {
+        sim_ok("partition-heal.toml", seed, 5, &[]);
+    }
+}
+
+/// Join storm: joins passed on by the resident reached joiners before their send_join answer
+/// and were dropped ("not in room"); joiners never heard of the joins beside theirs; events
+/// naming only 20 of 100 extremities were authorised against state they did not name. Members
+/// saw each other's messages hidden as soft-failed.
+#[test]
+fn join_storm_everyone_sees_everyone() {
+    let o = sim_ok("join-storm.toml", 1, 24, &["messages.count=30"]);
+    assert_eq!(o.summary["pairs_soft_failed"], 0);
 }
 
 /// Open: with bans, unbans, leaves and rejoins on both sides of a partition, some seeds still
-/// end with a node whose own membership disagrees with the others' (e.g. it never stores the
-/// unban sent to it). Kept here so the fix has its test; see simulations/README.md.
+/// end with a node whose state disagrees with the others' — typically a node that rejoins with
+/// a stale copy whose old forward extremities `get_missing_events` (100 events) could not
+/// connect, so state resolution treats them as concurrent with the present; or a banned node
+/// that never stores the unban sent to it. Kept so the fix has its test; see
+/// simulations/README.md.
 #[test]
 #[ignore = "open bug: membership churn across a partition (see simulations/README.md)"]
 fn membership_churn_across_a_partition_converges() {
-    for seed in [2, 3, 4, 9] {
+    for seed in [2, 3, 4, 9, 10, 11] {
         sim_ok("partition-heal.toml", seed, 5, &[]);
     }
+    sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["ban"]"#]);
 }

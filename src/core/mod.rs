@@ -225,6 +225,9 @@ pub struct Core {
     rng: StdMutex<rand::rngs::StdRng>,
     /// Unread-count contributions already evaluated (see `push.rs`).
     pub(crate) unread_memo: push::UnreadMemo,
+    /// Rooms this node is joining through another server right now: PDUs for them may arrive
+    /// before the send_join answer (see `federation::receive`).
+    pub(crate) joining: StdMutex<BTreeMap<OwnedRoomId, usize>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -300,6 +303,7 @@ impl Core {
             user_data_lock: tokio::sync::Mutex::new(()),
             rng: StdMutex::new(rng),
             unread_memo: Default::default(),
+            joining: StdMutex::new(BTreeMap::new()),
         }))
     }
 

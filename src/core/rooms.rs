@@ -589,16 +589,45 @@ impl Core {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
         let mut ctx = self.room_ctx(room_id)?;
-        let mut prepared = self.prepare(&mut ctx, sender, template, txn)?;
+        let depth = ctx.record.max_depth;
+        let mut prepared = if ctx.extremities.len() > MAX_PREV_EVENTS {
+            // Too many forward extremities to name them all: the event's state is the
+            // resolution of the ones it names, so it must be authorised against that (not the
+            // room's current state), and it should name the sender's own membership.
+            let prevs = self.choose_prev_events(&ctx, sender)?;
+            let all = std::mem::replace(&mut ctx.extremities, prevs.clone());
+            let (before, before_group, max_depth) = self.before_from_prevs(room_id, &ctx.rules, &prevs)?;
+            ctx.state = before;
+            ctx.record.max_depth = max_depth;
+            let mut p = self.prepare(&mut ctx, sender, template, txn)?;
+            p.before_group = before_group;
+            ctx.extremities = all;
+            p.room_state = Some(self.room_state_with(&ctx, &p)?);
+            p
+        } else {
+            self.prepare(&mut ctx, sender, template, txn)?
+        };
         let id = prepared.signed.event_id.clone();
         // Inviting a user of another node: their server countersigns the invite first (and
         // learns of it that way even though it is not in the room yet).
         if self.is_remote_invite(&prepared.signed.pdu) {
             prepared.signed = self.exchange_invite(room_id, &ctx.record.version, prepared.signed).await?;
         }
-        let depth = ctx.record.max_depth;
         self.commit_prepared(&ctx, prepared, depth).await?;
         Ok(id)
+    }
+
+    /// At most [`MAX_PREV_EVENTS`] of the room's forward extremities for a new event of
+    /// `sender`: the sender's own membership event if it is one, then the deepest.
+    fn choose_prev_events(&self, ctx: &RoomCtx, sender: &UserId) -> Result<Vec<OwnedEventId>> {
+        let own = ctx.state.get(&("m.room.member".to_owned(), sender.to_string()));
+        let mut by_depth: Vec<(bool, u64, OwnedEventId)> = Vec::with_capacity(ctx.extremities.len());
+        for e in &ctx.extremities {
+            let depth = self.pdu(e)?.map_or(0, |p| p.depth);
+            by_depth.push((Some(e) == own, depth, e.clone()));
+        }
+        by_depth.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        Ok(by_depth.into_iter().take(MAX_PREV_EVENTS).map(|(_, _, e)| e).collect())
     }
 
     fn is_remote_invite(&self, pdu: &Pdu) -> bool {
@@ -841,7 +870,7 @@ impl Core {
         let mut out = Vec::new();
         for (k, v) in self.store.scan(Tree::Timeline, &p, Some(&from), None, false, limit)? {
             let Ok(pos) = <[u8; 8]>::try_from(&k[k.len().saturating_sub(8)..]) else { continue };
-            let Ok(id) = EventId::parse(String::from_utf8_lossy(&v).into_owned()) else { continue };
+            let Ok(id) = EventId::parse(&*String::from_utf8_lossy(&v)) else { continue };
             out.push((u64::from_be_bytes(pos), id));
         }
         Ok(out)

@@ -274,12 +274,28 @@ impl Core {
         dests.remove(self.server_name());
         let pos = stored.pos;
         let id = event_id.to_owned();
+        // The joining server gets the state *before* its join, so it knows nothing of what grew
+        // beside it (concurrent joins, messages): send it our other forward extremities, which
+        // link it to all of that (it pulls the gaps with get_missing_events).
+        let mut beside = Vec::new();
+        for e in self.extremities(room)?.into_iter().filter(|e| e != event_id) {
+            if let Some(s) = self.stored_pdu(&e)? {
+                beside.push((s.pos, e));
+            }
+        }
+        let joiner: BTreeSet<OwnedServerName> = [origin.to_owned()].into();
         self.commit(Batch::new(), |b, _, _| {
             self.enqueue_pdu(b, &dests, pos, &id);
+            for (p, e) in &beside {
+                self.enqueue_pdu(b, &joiner, *p, e);
+            }
             Ok(())
         })
         .await?;
         self.wake_sender(&dests);
+        if !beside.is_empty() {
+            self.wake_sender(&joiner);
+        }
         let mut rs = create_join_event::v2::RoomState::new();
         rs.auth_chain = auth_chain;
         rs.state = state_pdus;
@@ -332,6 +348,7 @@ impl Core {
         via: &[OwnedServerName],
     ) -> Result<OwnedRoomId> {
         let mut last_err = Error::NotFound("no server to join through".into());
+        let _joining = JoiningGuard::new(self, room);
         for server in via.iter().filter(|s| s.as_str() != self.server_name().as_str()) {
             match self.join_via(user, room, server).await {
                 Ok(r) => return Ok(r),
@@ -412,12 +429,48 @@ impl Core {
             .ok_or_else(|| Error::BadJson("send_join answer has no create event".into()))?;
         let join_json = serde_json::to_string(&object).map_err(|e| Error::Internal(e.to_string()))?;
         let join = SignedPdu { event_id: event_id.clone(), pdu: Pdu::from_json(event_id.clone(), &join_json)?, object };
+        if self.room(room)?.is_some() {
+            // We kept a copy from before we left: pull what happened since (up to the join),
+            // so that our old forward extremities the resident already built on stop being
+            // extremities; what is left are branches the resident has not seen.
+            self.fetch_missing_prev_events(server, room, &rules, &join.pdu).await?;
+        }
         self.adopt_room(room, &version, create, state, join).await?;
         Ok(room.to_owned())
     }
 }
 
+/// Marks a room as being joined (see `Core::joining`) while it lives.
+struct JoiningGuard<'a> {
+    core: &'a Core,
+    room: OwnedRoomId,
+}
+
+impl<'a> JoiningGuard<'a> {
+    fn new(core: &'a Core, room: &RoomId) -> Self {
+        *core.joining.lock().unwrap_or_else(|e| e.into_inner()).entry(room.to_owned()).or_default() += 1;
+        Self { core, room: room.to_owned() }
+    }
+}
+
+impl Drop for JoiningGuard<'_> {
+    fn drop(&mut self) {
+        let mut j = self.core.joining.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = j.get_mut(&self.room) {
+            *n -= 1;
+            if *n == 0 {
+                j.remove(&self.room);
+            }
+        }
+    }
+}
+
 impl Core {
+    /// Whether a join of `room` through another server is under way.
+    pub(crate) fn is_joining(&self, room: &RoomId) -> bool {
+        self.joining.lock().unwrap_or_else(|e| e.into_inner()).contains_key(room)
+    }
+
     /// Delete a pending invite record (after joining or leaving).
     pub(crate) fn forget_invite(&self, b: &mut Batch, user: &UserId, room: &RoomId) {
         b.delete(Tree::Invites, key(&[user.as_bytes(), room.as_bytes()]));

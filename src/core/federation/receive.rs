@@ -119,6 +119,12 @@ impl Core {
                 Ok((id, _)) => {
                     results.insert(id, Ok(()));
                 }
+                // Our join is still on its way (the resident passed us events before its
+                // send_join answer reached us): have the transaction sent again.
+                Err(Error::NotFound(_)) if self.room(&room)?.is_none() && self.is_joining(&room) => {
+                    tracing::debug!(%origin, %room, "PDU for a room we are still joining; retry later");
+                    retry = true;
+                }
                 Err(e) if super::is_transient(&e) => {
                     tracing::info!(%origin, %room, error = %e, "PDU not processed; the transaction will be retried");
                     retry = true;
@@ -316,7 +322,7 @@ impl Core {
 
     /// Ask `origin` for the events between our forward extremities and `pdu`, and process them
     /// oldest first (without fetching further).
-    async fn fetch_missing_prev_events(
+    pub(crate) async fn fetch_missing_prev_events(
         self: &Arc<Self>,
         origin: &ServerName,
         room: &RoomId,
