@@ -3,7 +3,7 @@
 //! the name) and talks; when the links come back every node must hold the same resolved state
 //! and every message.
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 

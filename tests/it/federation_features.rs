@@ -2,8 +2,6 @@
 //! receipts (EDUs), profiles, room directories, media, device lists and keys across nodes, and
 //! an encrypted conversation between two matrix-sdk clients on different nodes.
 
-#![recursion_limit = "256"]
-
 use std::{sync::Arc, time::Duration};
 
 use matrix_sdk::{

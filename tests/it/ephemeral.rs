@@ -2,7 +2,7 @@
 //! typing, receipts, read markers, unread notification counts, tags, presence, user directory,
 //! push rules and pushers.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

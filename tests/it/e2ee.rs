@@ -3,9 +3,7 @@
 //! of one-time keys, to-device messages, device deletion with user-interactive auth, and key
 //! backup.
 
-#![recursion_limit = "256"]
-
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

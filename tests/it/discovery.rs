@@ -5,7 +5,7 @@
 //! Needs root (network namespaces); CI runs as root. mDNS never touches the host's real
 //! interfaces: each node sees only its namespace's veth, and the bridge connects nothing else.
 
-mod common;
+use crate::common;
 
 use std::{
     process::{Child, Command, Stdio},

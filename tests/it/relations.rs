@@ -2,7 +2,7 @@
 //! filters, recursion), edits and threads as bundled aggregations wherever events are served,
 //! `/threads`, references, and redactions that stop counting.
 
-mod common;
+use crate::common;
 
 use common::{enc, event_id, register, Api, Node};
 use matrix_sdk::{

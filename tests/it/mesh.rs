@@ -1,7 +1,7 @@
 //! Real nodes, real QUIC: two `outpost` processes on loopback, linked by a static peer address,
 //! federating over libp2p streams. Clients on each node use matrix-sdk and raw HTTP.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

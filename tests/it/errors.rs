@@ -1,7 +1,7 @@
 //! Black-box tests of error responses and of the non-client endpoints (server keys, the local
 //! `/_outpost/v1` API), with raw HTTP (reqwest) against a real `outpost` process.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

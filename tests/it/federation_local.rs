@@ -1,7 +1,7 @@
 //! Two nodes in one process on the in-process network: invite, join and messages both ways
 //! through the real federation code (signed requests, receipt checks, durable queues).
 
-mod common;
+use crate::common;
 
 use std::{sync::Arc, time::Duration};
 

@@ -2,9 +2,7 @@
 //! peer address, a matrix-sdk client on each, talking in an encrypted room. Keys, one-time key
 //! claims, room keys (to-device) and messages all cross the libp2p mesh.
 
-#![recursion_limit = "256"]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Media repository, end to end against the real binary: matrix-sdk's media API (authenticated
 //! `/_matrix/client/v1/media/*`) plus raw HTTP for the legacy paths, headers, limits and errors.
 
-mod common;
+use crate::common;
 
 use std::io::Cursor;
 use std::time::Duration;

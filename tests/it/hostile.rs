@@ -3,7 +3,7 @@
 //! violations, an origin that isn't the connected peer, oversized events, absurd `prev_events`
 //! lists, oversized transactions. Every one is refused, and A keeps serving its users.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

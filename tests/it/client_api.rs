@@ -1,7 +1,7 @@
 //! Black-box tests of the client-server API, driven mostly through matrix-sdk (a real Matrix
 //! client library) against a real `outpost` process; raw HTTP where the exact JSON matters.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
