@@ -24,7 +24,9 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
 fi
 npx vite build
 
-(cd "$ROOT" && cargo build --locked --bin outpost)
+# The same target set as scripts/test, so this is a no-op after it (a narrower build would
+# unify features differently and recompile half the dependency tree).
+(cd "$ROOT" && cargo build --locked --workspace --all-targets)
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/outpost"
 
 TMP="$(mktemp -d -t outpost-browser-XXXXXX)"
