@@ -93,6 +93,9 @@ pub struct Limits {
     /// Events looked at per room when counting unread notifications after a read receipt; the
     /// counts stop there. Default 1000.
     pub unread_scan_events_max: usize,
+    /// Stored events kept decoded in memory (auth events are read many times per received
+    /// event). 0 disables the cache. Default 1024 (a few MiB at most).
+    pub pdu_cache_entries: usize,
     /// Events looked at per `/search` request (newest first, across the user's rooms).
     /// Default 10_000.
     pub search_scan_events_max: usize,
@@ -156,6 +159,7 @@ impl Default for Limits {
             pending_uploads_per_user_max: 10,
             typing_timeout_ms_max: 120_000,
             unread_scan_events_max: 1000,
+            pdu_cache_entries: 1024,
             search_scan_events_max: 10_000,
             relations_scan_max: 1000,
             pushers_per_user_max: 32,

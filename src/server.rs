@@ -116,6 +116,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         registration_enabled: config.registration_enabled,
         typing_timeout_ms_max: config.limits.typing_timeout_ms_max,
         unread_scan_events_max: config.limits.unread_scan_events_max,
+        pdu_cache_entries: config.limits.pdu_cache_entries,
         search_scan_events_max: config.limits.search_scan_events_max,
         relations_scan_max: config.limits.relations_scan_max,
         pushers_per_user_max: config.limits.pushers_per_user_max,

@@ -15,6 +15,7 @@ pub mod federation;
 pub mod filter;
 pub mod media;
 pub mod pdu;
+pub(crate) mod pdu_cache;
 pub mod presence;
 pub mod push;
 pub mod receipts;
@@ -142,6 +143,8 @@ pub struct Limits {
     pub typing_timeout_ms_max: u64,
     /// Events looked at per room when counting unread notifications.
     pub unread_scan_events_max: usize,
+    /// Stored events kept decoded in memory (`pdu_cache.rs`); 0 disables the cache.
+    pub pdu_cache_entries: usize,
     /// Events looked at per `/search` request.
     pub search_scan_events_max: usize,
     /// Relations looked at per bundle, `/relations` page or `/threads` page.
@@ -176,6 +179,7 @@ impl Default for Limits {
             registration_enabled: true,
             typing_timeout_ms_max: 120_000,
             unread_scan_events_max: 1000,
+            pdu_cache_entries: 1024,
             search_scan_events_max: 10_000,
             relations_scan_max: 1000,
             pushers_per_user_max: 32,
@@ -215,6 +219,8 @@ pub struct Core {
     operator_token: std::sync::OnceLock<String>,
     /// Decoded state maps by group id (bounded, see `state.rs`).
     state_cache: StdMutex<BTreeMap<u64, Arc<state::StateMap>>>,
+    /// Decoded stored PDUs (bounded, see `pdu_cache.rs`).
+    pub(crate) pdu_cache: pdu_cache::PduCache,
     started_ms: u64,
     /// Who is typing where (in memory only; see `typing.rs`).
     typing: typing::TypingState,
@@ -284,6 +290,7 @@ impl Core {
         let counters = Counters { stream_pos: read(META_STREAM)?, state_group: read(META_STATE_GROUP)? };
         let started_ms = clock.now_ms();
         let (visible, _) = tokio::sync::watch::channel(counters.stream_pos);
+        let pdu_cache = pdu_cache::PduCache::new(limits.pdu_cache_entries);
         Ok(Arc::new(Self {
             store,
             commit: GroupCommit::default(),
@@ -294,6 +301,7 @@ impl Core {
             room_locks: StdMutex::new(BTreeMap::new()),
             visible,
             state_cache: StdMutex::new(BTreeMap::new()),
+            pdu_cache,
             transport: std::sync::OnceLock::new(),
             operator_token: std::sync::OnceLock::new(),
             sender: Default::default(),
@@ -391,7 +399,7 @@ impl Core {
             if next.state_group != c.state_group {
                 batch.put(Tree::Meta, META_STATE_GROUP.to_vec(), next.state_group.to_be_bytes().to_vec());
             }
-            self.store.apply(batch)?;
+            self.apply_batch(batch)?;
             *c = next;
             // Destinations whose durable EDU queue this batch (or an earlier failed one) wrote to.
             let wake = self.fed.take_staged_wakes();

@@ -155,14 +155,14 @@ fn state_key_of(t: &TimelineEventType, k: &str) -> (String, String) {
 impl Core {
     /// The stored record of `event_id`.
     pub fn stored_pdu(&self, event_id: &EventId) -> Result<Option<StoredPdu>> {
-        self.get_json(Tree::Pdus, event_id.as_bytes())
+        Ok(self.pdu_entry(event_id)?.map(|e| e.stored.clone()))
     }
 
     /// The parsed PDU `event_id`.
     pub fn pdu(&self, event_id: &EventId) -> Result<Option<Pdu>> {
-        match self.stored_pdu(event_id)? {
+        match self.pdu_entry(event_id)? {
             None => Ok(None),
-            Some(s) => Pdu::from_json(event_id.to_owned(), &s.json).map(Some),
+            Some(e) => e.pdu(event_id).map(Some),
         }
     }
 

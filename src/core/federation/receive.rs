@@ -315,7 +315,7 @@ impl Core {
             // below makes them durable together.
             let mut one = crate::store::Batch::new();
             one.put(crate::store::Tree::Pdus, s.event_id.as_bytes().to_vec(), crate::core::to_json(&stored));
-            self.store.apply(one)?;
+            self.apply_batch(one)?;
         }
         self.commit(crate::store::Batch::new(), |_, _, _| Ok(())).await
     }
