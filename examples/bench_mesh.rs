@@ -75,6 +75,17 @@ impl Node {
         Node { name, bin, dir: root.join(name), port: free_tcp_port(), args, child: None, http }
     }
 
+    /// User + system CPU seconds the running process has used so far (Linux `/proc`).
+    fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which is in parentheses): utime is the 14th field.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0) // USER_HZ is 100 on Linux
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
@@ -407,6 +418,8 @@ async fn main() {
         assert!(spawned.elapsed() < Duration::from_secs(600), "B did not catch up in 10 minutes");
     }
     let caught = spawned.elapsed();
+    // CPU time is what the machine's load cannot inflate: B's and A's, for the whole catch-up.
+    let (b_cpu, a_cpu) = (b.cpu_seconds(), a.cpu_seconds());
     // Everything arrived, not just the last one.
     let count = {
         let mut n = 0;
@@ -431,6 +444,7 @@ async fn main() {
         "events": args.catchup + 1,
         "from_spawn_ms": ms(caught), "b_start_ms": ms(ready), "after_ready_ms": ms(caught - ready),
         "events_on_b": count,
+        "b_cpu_s": b_cpu, "a_cpu_s_total": a_cpu,
     });
     println!("catch-up: {catchup}");
 
