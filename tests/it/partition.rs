@@ -188,3 +188,44 @@ async fn partition_heals_to_identical_state_v12() {
 async fn partition_heals_to_identical_state_v10() {
     partition_then_heal(RoomVersionId::V10).await;
 }
+
+/// Found by the real-stack run (`realstack.rs`): a join can reach a third server from the
+/// joiner's node before the invite it rests on arrives from the inviter's node (whose queue to
+/// that server is backing off). The receiver used to fetch the invite as an auth event first —
+/// storing it as an outlier — and then drop it from the `get_missing_events` answer (outliers
+/// stay outliers), so the join took the `state_ids` path and was soft-failed against a current
+/// state without the invite: that node never saw the user join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_that_arrives_before_its_invite_is_accepted() {
+    let net = LocalNetwork::new();
+    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
+    let alice = a.core().register("alice", None).await.unwrap();
+    let bob = b.core().register("bob", None).await.unwrap();
+    let carol = c.core().register("carol", None).await.unwrap();
+    let spec = CreateRoomSpec { preset: Some("private_chat".into()), ..Default::default() };
+    let room = a.core().create_room(&alice, spec).await.unwrap();
+    let via = vec![a.core().server_name().to_owned()];
+    a.core().set_membership(&alice, &room, &bob, "invite", None, None).await.unwrap();
+    b.core().join_remote(&bob, &room, &via).await.unwrap();
+    eventually("bob's join at A", || {
+        (a.core().membership(&room, &bob).unwrap().as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    // A can no longer reach B; C reaches both. Carol's invite reaches B only later.
+    net.set_link(a.core().server_name(), b.core().server_name(), false);
+    a.core().set_membership(&alice, &room, &carol, "invite", None, None).await.unwrap();
+    c.core().join_remote(&carol, &room, &via).await.unwrap();
+    eventually("carol's join at B, from C", || {
+        (b.core().membership(&room, &carol).unwrap().as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    net.set_link(a.core().server_name(), b.core().server_name(), true);
+    eventually("identical state on the three nodes", || {
+        let s = [&a, &b, &c].map(|n| n.core().current_state(&room).unwrap());
+        (s[0] == s[1] && s[1] == s[2]).then_some(())
+    })
+    .await;
+    for n in [a, b, c] {
+        n.node.stop().await.unwrap();
+    }
+}

@@ -184,6 +184,18 @@ impl Core {
                 return Ok((id, PduOutcome::Duplicate));
             }
         }
+        // Missing prev events first (as Synapse does): ask the origin for the gap
+        // (get_missing_events), and failing that for the state at the event (state_ids, below).
+        // Prev events are often auth events too (a join built on its invite, which a lagging
+        // inviter has not delivered yet): fetched as auth events first, they would be stored as
+        // outliers, left out of the gap fill (which never pulls outliers into the timeline), and
+        // the event would be soft-failed against a current state that lacks them.
+        let mut missing: Vec<OwnedEventId> =
+            signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
+        if !missing.is_empty() && fetch {
+            self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
+            missing.retain(|p| self.is_missing(p));
+        }
         // 4. Passes authorization rules based on the event's auth events, otherwise it is
         //    rejected. (Missing auth events are fetched and checked first.)
         if fetch {
@@ -201,14 +213,6 @@ impl Core {
             auth_state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
         }) {
             return Ok((id, reject(format!("auth events: {e}"))));
-        }
-        // Missing prev events: ask the origin for the gap (get_missing_events), and failing that
-        // for the state at the event (state_ids).
-        let mut missing: Vec<OwnedEventId> =
-            signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
-        if !missing.is_empty() && fetch {
-            self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
-            missing.retain(|p| self.is_missing(p));
         }
         let before_override = if missing.is_empty() {
             None
