@@ -3,12 +3,14 @@
 //! HTTP clients (reqwest) against it.
 //!
 //! Every test starts its own node(s); nothing is shared between tests except the built binary.
-//! Traffic stays on 127.0.0.1.
+//! Traffic stays on 127.0.0.1, except in [`lab`] (network namespaces on a bridge, root only).
 //!
 //! When a test panics while a [`Node`] is alive, the node's log (its stderr, kept in a file in
 //! the node's temp dir) is printed, which is usually the fastest way to see what went wrong.
 
-#![allow(dead_code)] // each test crate uses a different part of the harness
+#![allow(dead_code)] // each test module uses a different part of the harness
+
+pub mod lab;
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
