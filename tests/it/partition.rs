@@ -5,14 +5,26 @@
 
 use crate::common;
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use outpost::{
-    core::{pdu::PduTemplate, rooms::CreateRoomSpec, Core},
+    core::{
+        federation::{BoxFuture, Transport, TransportError},
+        pdu::PduTemplate,
+        rooms::CreateRoomSpec,
+        Core,
+    },
     net::local::LocalNetwork,
     server,
 };
-use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId};
+use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId};
 use serde_json::{json, Value};
 
 struct N {
@@ -29,6 +41,28 @@ impl N {
 async fn node(net: &Arc<LocalNetwork>) -> N {
     let (node, dir) = common::inproc_node(net).await;
     N { node, _dir: dir }
+}
+
+/// A transport that loses the first `lose` `get_missing_events` requests (no answer, as over a
+/// lossy link) and passes everything else on.
+struct LosesMissingEvents {
+    inner: Arc<dyn Transport>,
+    lose: AtomicUsize,
+}
+
+impl Transport for LosesMissingEvents {
+    fn send(
+        &self,
+        dest: OwnedServerName,
+        req: http::Request<bytes::Bytes>,
+    ) -> BoxFuture<'static, Result<http::Response<bytes::Bytes>, TransportError>> {
+        let lost = req.uri().path().contains("/get_missing_events/")
+            && self.lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if lost {
+            return Box::pin(async move { Err(TransportError::Failed(dest, "lost".into())) });
+        }
+        self.inner.send(dest, req)
+    }
 }
 
 fn state(kind: &str, key: &str, content: Value) -> PduTemplate {
@@ -197,8 +231,26 @@ async fn partition_heals_to_identical_state_v10() {
 /// state without the invite: that node never saw the user join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_that_arrives_before_its_invite_is_accepted() {
+    join_before_its_invite(0).await;
+}
+
+/// The same, with B's first request for the gap lost: the join used to go on through
+/// `state_ids` as if the gap could not be filled, and was soft-failed for good. Now the
+/// transaction fails and is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_whose_gap_cannot_be_fetched_yet_is_retried_not_soft_failed() {
+    join_before_its_invite(1).await;
+}
+
+async fn join_before_its_invite(lose_missing_events_requests_at_b: usize) {
     let net = LocalNetwork::new();
-    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
+    let a = node(&net).await;
+    let (node_b, dir_b) = common::inproc_node_with(&net, |inner| {
+        Arc::new(LosesMissingEvents { inner, lose: AtomicUsize::new(lose_missing_events_requests_at_b) })
+    })
+    .await;
+    let b = N { node: node_b, _dir: dir_b };
+    let c = node(&net).await;
     let alice = a.core().register("alice", None).await.unwrap();
     let bob = b.core().register("bob", None).await.unwrap();
     let carol = c.core().register("carol", None).await.unwrap();

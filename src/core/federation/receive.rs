@@ -348,7 +348,8 @@ impl Core {
     /// from the events whose prev events are still unknown — until it connects, nothing new
     /// comes, or [`MAX_FETCH_EVENTS`] events are held. Prev events we hold as outliers end the
     /// walk there, and nothing deeper than the start of our timeline is asked for (history from
-    /// before we joined cannot connect).
+    /// before we joined cannot connect). Fails (after processing what did come) when the
+    /// origin could not be reached.
     pub(crate) async fn fetch_missing_prev_events(
         self: &Arc<Self>,
         origin: &ServerName,
@@ -363,6 +364,7 @@ impl Core {
         let min_depth = first.and_then(|id| self.pdu(&id).ok().flatten()).map_or(0, |p| p.depth);
         let mut got: BTreeMap<OwnedEventId, SignedPdu> = BTreeMap::new();
         let mut latest = vec![pdu.event_id.clone()];
+        let mut unreachable = None;
         while !latest.is_empty() && got.len() < MAX_FETCH_EVENTS {
             let mut req = get_missing_events::v1::Request::new(room.to_owned(), earliest.clone(), latest);
             req.limit = UInt::from(MISSING_EVENTS_LIMIT);
@@ -371,6 +373,9 @@ impl Core {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::info!(%origin, %room, error = %e, "get_missing_events failed");
+                    if super::is_transient(&e) {
+                        unreachable = Some(e);
+                    }
                     break;
                 }
             };
@@ -410,7 +415,10 @@ impl Core {
                 tracing::info!(%origin, event_id = %id, reason = %why, "missing event rejected");
             }
         }
-        Ok(())
+        // The origin did not answer: the caller must not go on as if the gap could not be
+        // filled (state_ids, then a soft-fail against a current state that lacks the gap would
+        // be for good); a transaction is retried instead.
+        unreachable.map_or(Ok(()), Err)
     }
 
     /// The state before event `id` according to `origin` (`state_ids`), with every event in it

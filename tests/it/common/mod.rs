@@ -530,6 +530,16 @@ pub async fn first_page(api: &Api, room_id: &str, dir: &str, limit: u32) -> Vec<
 /// A node in this process on the in-process network `net` (federation without sockets), with
 /// real sled in a temp dir and its client API on a free loopback port; the mesh is off.
 pub async fn inproc_node(net: &std::sync::Arc<outpost::net::local::LocalNetwork>) -> (outpost::server::Node, TempDir) {
+    inproc_node_with(net, |t| t).await
+}
+
+/// [`inproc_node`] whose federation requests go through `wrap(transport)` (to lose some).
+pub async fn inproc_node_with(
+    net: &std::sync::Arc<outpost::net::local::LocalNetwork>,
+    wrap: impl FnOnce(
+        std::sync::Arc<dyn outpost::core::federation::Transport>,
+    ) -> std::sync::Arc<dyn outpost::core::federation::Transport>,
+) -> (outpost::server::Node, TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = outpost::config::Config::default();
     config.data_dir = dir.path().to_path_buf();
@@ -538,6 +548,6 @@ pub async fn inproc_node(net: &std::sync::Arc<outpost::net::local::LocalNetwork>
     let n = outpost::server::start(config).await.expect("node starts");
     net.attach(n.core.server_name(), n.federation.clone());
     net.attach_core(&n.core);
-    n.core.set_transport(net.transport(n.core.server_name()));
+    n.core.set_transport(wrap(net.transport(n.core.server_name())));
     (n, dir)
 }
