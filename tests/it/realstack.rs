@@ -1,5 +1,5 @@
 //! Real-stack runs: real `outpost` processes in network namespaces on a bridge
-//! ([`common::lab`]), finding each other by real mDNS and federating over real QUIC, while
+//! ([`common::lab`]), finding each other by real mDNS and federating over real QUIC (or TCP), while
 //! links are cut and restored (nftables inside each node's namespace) and a node is SIGKILLed
 //! mid-send and restarted. Afterwards the simulator's invariants, checked through every node's
 //! client API:
@@ -255,11 +255,10 @@ async fn check(
     }
 }
 
-/// Sets topic, name and a user's power level from `node`, as that node's member; the events
+/// Sets topic, name and a user's power level as `member`, on its node; the events
 /// are recorded as acknowledged.
 async fn change_state(
     lab: &Lab,
-    node: usize,
     member: &Member,
     room: &str,
     target: &str,
@@ -267,6 +266,7 @@ async fn change_state(
     tag: &str,
     start: Instant,
 ) -> Vec<Acked> {
+    let node = member.node;
     let api = lab.api(node, Some(&member.token));
     let mut out = Vec::new();
     let pl_path = room_path(room, "/state/m.room.power_levels/");
@@ -387,7 +387,7 @@ async fn run(sc: Scenario) {
             let actor = side[0];
             let tag = format!("round {round} side {k}");
             let level = 10 * (round as i64 + 1) + k as i64;
-            state_acked.extend(change_state(&lab, actor, &members[actor], &room, &carol_id, level, &tag, start).await);
+            state_acked.extend(change_state(&lab, &members[actor], &room, &carol_id, level, &tag, start).await);
         }
         // A third into the fault, a node dies in the middle of a send request and comes back
         // with the same data dir.

@@ -541,9 +541,11 @@ pub async fn inproc_node_with(
     ) -> std::sync::Arc<dyn outpost::core::federation::Transport>,
 ) -> (outpost::server::Node, TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = outpost::config::Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.client_addr = "127.0.0.1:0".parse().expect("address");
+    let mut config = outpost::config::Config {
+        data_dir: dir.path().to_path_buf(),
+        client_addr: "127.0.0.1:0".parse().expect("address"),
+        ..Default::default()
+    };
     config.mesh.enabled = false; // the in-process network carries federation here
     let n = outpost::server::start(config).await.expect("node starts");
     net.attach(n.core.server_name(), n.federation.clone());
