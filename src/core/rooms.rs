@@ -675,6 +675,15 @@ impl Core {
     /// The room's state once `prepared` is appended: the resolution of the states after every
     /// forward extremity (the event replaces its prev events among them).
     fn room_state_with(&self, ctx: &RoomCtx, prepared: &Prepared) -> Result<Arc<StateMap>> {
+        // An event that some accepted event already builds on (history arriving after its
+        // child, e.g. from a gap fill) does not become a forward extremity (see `stage`), so
+        // the room's state, the resolution of the extremities' states, stays what it is.
+        // Resolving its (older) state in would leave the room in a state no extremity has —
+        // one that other nodes, which got the events in order, never reach.
+        let id = &prepared.signed.event_id;
+        if self.store.get(Tree::Referenced, &key(&[ctx.room_id.as_bytes(), id.as_bytes()]))?.is_some() {
+            return Ok(ctx.state.clone());
+        }
         let prevs = &prepared.signed.pdu.prev_events;
         let mut ext_states = vec![prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone())];
         for e in ctx.extremities.iter().filter(|e| !prevs.contains(e)) {

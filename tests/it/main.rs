@@ -17,5 +17,6 @@ mod media;
 mod mesh;
 mod mesh_e2ee;
 mod partition;
+mod realstack;
 mod relations;
 mod spec_vectors;

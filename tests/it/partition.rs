@@ -5,14 +5,26 @@
 
 use crate::common;
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use outpost::{
-    core::{pdu::PduTemplate, rooms::CreateRoomSpec, Core},
+    core::{
+        federation::{BoxFuture, Transport, TransportError},
+        pdu::PduTemplate,
+        rooms::CreateRoomSpec,
+        Core,
+    },
     net::local::LocalNetwork,
     server,
 };
-use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId};
+use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId};
 use serde_json::{json, Value};
 
 struct N {
@@ -29,6 +41,28 @@ impl N {
 async fn node(net: &Arc<LocalNetwork>) -> N {
     let (node, dir) = common::inproc_node(net).await;
     N { node, _dir: dir }
+}
+
+/// A transport that loses the first `lose` `get_missing_events` requests (no answer, as over a
+/// lossy link) and passes everything else on.
+struct LosesMissingEvents {
+    inner: Arc<dyn Transport>,
+    lose: AtomicUsize,
+}
+
+impl Transport for LosesMissingEvents {
+    fn send(
+        &self,
+        dest: OwnedServerName,
+        req: http::Request<bytes::Bytes>,
+    ) -> BoxFuture<'static, Result<http::Response<bytes::Bytes>, TransportError>> {
+        let lost = req.uri().path().contains("/get_missing_events/")
+            && self.lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if lost {
+            return Box::pin(async move { Err(TransportError::Failed(dest, "lost".into())) });
+        }
+        self.inner.send(dest, req)
+    }
 }
 
 fn state(kind: &str, key: &str, content: Value) -> PduTemplate {
@@ -187,4 +221,110 @@ async fn partition_heals_to_identical_state_v12() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_heals_to_identical_state_v10() {
     partition_then_heal(RoomVersionId::V10).await;
+}
+
+/// Found by the real-stack run (`realstack.rs`): a join can reach a third server from the
+/// joiner's node before the invite it rests on arrives from the inviter's node (whose queue to
+/// that server is backing off). The receiver used to fetch the invite as an auth event first —
+/// storing it as an outlier — and then drop it from the `get_missing_events` answer (outliers
+/// stay outliers), so the join took the `state_ids` path and was soft-failed against a current
+/// state without the invite: that node never saw the user join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_that_arrives_before_its_invite_is_accepted() {
+    join_before_its_invite(0).await;
+}
+
+/// The same, with B's first request for the gap lost: the join used to go on through
+/// `state_ids` as if the gap could not be filled, and was soft-failed for good. Now the
+/// transaction fails and is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_whose_gap_cannot_be_fetched_yet_is_retried_not_soft_failed() {
+    join_before_its_invite(1).await;
+}
+
+async fn join_before_its_invite(lose_missing_events_requests_at_b: usize) {
+    let net = LocalNetwork::new();
+    let a = node(&net).await;
+    let (node_b, dir_b) = common::inproc_node_with(&net, |inner| {
+        Arc::new(LosesMissingEvents { inner, lose: AtomicUsize::new(lose_missing_events_requests_at_b) })
+    })
+    .await;
+    let b = N { node: node_b, _dir: dir_b };
+    let c = node(&net).await;
+    let alice = a.core().register("alice", None).await.unwrap();
+    let bob = b.core().register("bob", None).await.unwrap();
+    let carol = c.core().register("carol", None).await.unwrap();
+    let spec = CreateRoomSpec { preset: Some("private_chat".into()), ..Default::default() };
+    let room = a.core().create_room(&alice, spec).await.unwrap();
+    let via = vec![a.core().server_name().to_owned()];
+    a.core().set_membership(&alice, &room, &bob, "invite", None, None).await.unwrap();
+    b.core().join_remote(&bob, &room, &via).await.unwrap();
+    eventually("bob's join at A", || {
+        (a.core().membership(&room, &bob).unwrap().as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    // A can no longer reach B; C reaches both. Carol's invite reaches B only later.
+    net.set_link(a.core().server_name(), b.core().server_name(), false);
+    a.core().set_membership(&alice, &room, &carol, "invite", None, None).await.unwrap();
+    c.core().join_remote(&carol, &room, &via).await.unwrap();
+    eventually("carol's join at B, from C", || {
+        (b.core().membership(&room, &carol).unwrap().as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    net.set_link(a.core().server_name(), b.core().server_name(), true);
+    eventually("identical state on the three nodes", || {
+        let s = [&a, &b, &c].map(|n| n.core().current_state(&room).unwrap());
+        (s[0] == s[1] && s[1] == s[2]).then_some(())
+    })
+    .await;
+    for n in [a, b, c] {
+        n.node.stop().await.unwrap();
+    }
+}
+
+/// Found by the real-stack run's long form: after a long partition an event arrives whose
+/// missing history is longer than one `get_missing_events` answer (100 events). The oldest
+/// events of the answer could not connect, so every one of them was rejected ("prev events
+/// unknown") and the event was accepted over a gap through `state_ids` — and the same futile
+/// round trip was repeated for each event of each transaction until the origins' own queues
+/// delivered the history (over a minute at 2 Mbit/s). The gap is now followed back, a bounded
+/// number of answers deep, and filled from whoever sent the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_longer_than_one_missing_events_answer_is_filled() {
+    let net = LocalNetwork::new();
+    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
+    let alice = a.core().register("alice", None).await.unwrap();
+    let bob = b.core().register("bob", None).await.unwrap();
+    let carol = c.core().register("carol", None).await.unwrap();
+    let spec = CreateRoomSpec { preset: Some("public_chat".into()), ..Default::default() };
+    let room = a.core().create_room(&alice, spec).await.unwrap();
+    let via = vec![a.core().server_name().to_owned()];
+    b.core().join_remote(&bob, &room, &via).await.unwrap();
+    c.core().join_remote(&carol, &room, &via).await.unwrap();
+    eventually("every join everywhere", || {
+        let s = [&a, &b, &c].map(|n| n.core().current_state(&room).unwrap());
+        (s[0] == s[1] && s[1] == s[2]).then_some(())
+    })
+    .await;
+    // A cannot reach B; A's messages reach C only.
+    net.set_link(a.core().server_name(), b.core().server_name(), false);
+    let mut sent = Vec::new();
+    for i in 0..250 {
+        sent.push(a.core().send_event(&alice, None, &room, msg(&format!("alice {i}")), None).await.unwrap());
+    }
+    eventually("A's messages at C", || {
+        let tl = timeline(c.core(), &room, &carol);
+        sent.iter().all(|e| tl.contains(e)).then_some(())
+    })
+    .await;
+    // C's next message builds on them; B pulls the history from C.
+    let last = c.core().send_event(&carol, None, &room, msg("carol"), None).await.unwrap();
+    eventually("A's messages at B, through C, while A and B are still apart", || {
+        let tl = timeline(b.core(), &room, &bob);
+        (tl.contains(&last) && sent.iter().all(|e| tl.contains(e))).then_some(())
+    })
+    .await;
+    for n in [a, b, c] {
+        n.node.stop().await.unwrap();
+    }
 }

@@ -433,7 +433,12 @@ impl Core {
             // We kept a copy from before we left: pull what happened since (up to the join),
             // so that our old forward extremities the resident already built on stop being
             // extremities; what is left are branches the resident has not seen.
-            self.fetch_missing_prev_events(server, room, &rules, &join.pdu).await?;
+            if let Err(e) = self.fetch_missing_prev_events(server, room, &rules, &join.pdu).await {
+                // As before: the join goes on with whatever came; the gap stays open.
+                if !super::is_transient(&e) {
+                    return Err(e);
+                }
+            }
         }
         self.adopt_room(room, &version, create, state, join).await?;
         Ok(room.to_owned())

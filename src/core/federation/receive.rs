@@ -138,12 +138,21 @@ impl Core {
             return Ok(BTreeMap::new());
         }
         // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
-        self.with_deferred_flush(async {
-            let results = self.receive_pdus(origin, pdus).await?;
-            self.receive_edus(origin, edus).await?;
-            self.set_last_txn(origin, txn_id).await.map(|()| results)
-        })
-        .await?
+        let began_ms = self.now_ms();
+        let n = pdus.len();
+        let results = self
+            .with_deferred_flush(async {
+                let results = self.receive_pdus(origin, pdus).await?;
+                self.receive_edus(origin, edus).await?;
+                self.set_last_txn(origin, txn_id).await.map(|()| results)
+            })
+            .await?;
+        if let Ok(r) = &results {
+            let rejected = r.values().filter(|v| v.is_err()).count();
+            let ms = self.now_ms().saturating_sub(began_ms);
+            tracing::debug!(%origin, txn_id, pdus = n, rejected, ms, "transaction received");
+        }
+        results
     }
 
     async fn receive_pdus(
@@ -265,6 +274,16 @@ impl Core {
                 return Ok((id, PduOutcome::Duplicate));
             }
         }
+        // A prev event we lack that is also an auth event (a join built on its invite, which a
+        // lagging inviter has not delivered yet) is fetched with the gap first: fetched as an
+        // auth event it would be stored as an outlier, which gap filling leaves alone, and the
+        // event would be checked against a current state without it (soft-failed for good).
+        let mut gap_filled = false;
+        let prev_is_auth = |p: &OwnedEventId| signed.pdu.auth_events.contains(p);
+        if fetch && signed.pdu.prev_events.iter().any(|p| prev_is_auth(p) && matches!(self.stored_pdu(p), Ok(None))) {
+            self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
+            gap_filled = true;
+        }
         // 4. Passes authorization rules based on the event's auth events, otherwise it is
         //    rejected. (Missing auth events are fetched and checked first.)
         if fetch {
@@ -287,7 +306,7 @@ impl Core {
         // for the state at the event (state_ids).
         let mut missing: Vec<OwnedEventId> =
             signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
-        if !missing.is_empty() && fetch {
+        if !missing.is_empty() && fetch && !gap_filled {
             self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
             missing.retain(|p| self.is_missing(p));
         }
@@ -403,6 +422,15 @@ impl Core {
 
     /// Ask `origin` for the events between our forward extremities and `pdu`, and process them
     /// oldest first (without fetching further).
+    ///
+    /// One answer carries at most [`MISSING_EVENTS_LIMIT`] events, newest first: after a long
+    /// partition the oldest of them still lack their own prev events, and processed alone every
+    /// one of them would be rejected. So the gap is followed back — the next request starts
+    /// from the events whose prev events are still unknown — until it connects, nothing new
+    /// comes, or [`MAX_FETCH_EVENTS`] events are held. Prev events we hold as outliers end the
+    /// walk there, and nothing deeper than the start of our timeline is asked for (history from
+    /// before we joined cannot connect). Fails (after processing what did come) when the
+    /// origin could not be reached.
     pub(crate) async fn fetch_missing_prev_events(
         self: &Arc<Self>,
         origin: &ServerName,
@@ -411,20 +439,51 @@ impl Core {
         pdu: &Pdu,
     ) -> Result<()> {
         let earliest = self.extremities(room)?;
-        let mut req = get_missing_events::v1::Request::new(room.to_owned(), earliest, vec![pdu.event_id.clone()]);
-        req.limit = UInt::from(MISSING_EVENTS_LIMIT);
-        let res = match self.federation_request(origin, req).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::info!(%origin, %room, error = %e, "get_missing_events failed");
-                return Ok(());
+        // Nothing older than the start of our timeline (our join): what lies before it we hold
+        // as outliers, or not at all, and could not connect anyway.
+        let first = self.timeline_after(room, 0, 1)?.into_iter().next().map(|(_, id)| id);
+        let min_depth = first.and_then(|id| self.pdu(&id).ok().flatten()).map_or(0, |p| p.depth);
+        let mut got: BTreeMap<OwnedEventId, SignedPdu> = BTreeMap::new();
+        let mut latest = vec![pdu.event_id.clone()];
+        let mut unreachable = None;
+        while !latest.is_empty() && got.len() < MAX_FETCH_EVENTS {
+            let mut req = get_missing_events::v1::Request::new(room.to_owned(), earliest.clone(), latest);
+            req.limit = UInt::from(MISSING_EVENTS_LIMIT);
+            req.min_depth = UInt::try_from(min_depth).unwrap_or_default();
+            let res = match self.federation_request(origin, req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(%origin, %room, error = %e, "get_missing_events failed");
+                    if super::is_transient(&e) {
+                        unreachable = Some(e);
+                    }
+                    break;
+                }
+            };
+            let before = got.len();
+            for s in res.events.iter().filter_map(|raw| self.verify_pdu(rules, raw).ok()) {
+                // Only what we do not hold at all: events we keep as outliers (typically the
+                // history from before we joined, from send_join) stay outliers — pulling them
+                // into the DAG would graft that old history on as new forward extremities.
+                if s.pdu.room == room && matches!(self.stored_pdu(&s.event_id), Ok(None)) {
+                    got.insert(s.event_id.clone(), s);
+                }
             }
-        };
-        let mut events: Vec<SignedPdu> = res.events.iter().filter_map(|raw| self.verify_pdu(rules, raw).ok()).collect();
-        // Only what we do not hold at all: events we keep as outliers (typically the history
-        // from before we joined, from send_join) stay outliers — pulling them into the DAG
-        // would graft that old history on as new forward extremities.
-        events.retain(|s| matches!(self.stored_pdu(&s.event_id), Ok(None)));
+            if got.len() == before {
+                break;
+            }
+            // The next answer starts where this one stopped: at events of the gap whose prev
+            // events we neither hold nor got (at most 20, as a request's `latest_events`).
+            latest = got
+                .values()
+                .filter(|s| {
+                    s.pdu.prev_events.iter().any(|p| !got.contains_key(p) && matches!(self.stored_pdu(p), Ok(None)))
+                })
+                .map(|s| s.event_id.clone())
+                .take(20)
+                .collect();
+        }
+        let mut events: Vec<SignedPdu> = got.into_values().collect();
         events.sort_by_key(|s| s.pdu.depth);
         for s in events {
             let raw =
@@ -437,7 +496,10 @@ impl Core {
                 tracing::info!(%origin, event_id = %id, reason = %why, "missing event rejected");
             }
         }
-        Ok(())
+        // The origin did not answer: the caller must not go on as if the gap could not be
+        // filled (state_ids, then a soft-fail against a current state that lacks the gap would
+        // be for good); a transaction is retried instead.
+        unreachable.map_or(Ok(()), Err)
     }
 
     /// The state before event `id` according to `origin` (`state_ids`), with every event in it

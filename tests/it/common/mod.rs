@@ -3,12 +3,14 @@
 //! HTTP clients (reqwest) against it.
 //!
 //! Every test starts its own node(s); nothing is shared between tests except the built binary.
-//! Traffic stays on 127.0.0.1.
+//! Traffic stays on 127.0.0.1, except in [`lab`] (network namespaces on a bridge, root only).
 //!
 //! When a test panics while a [`Node`] is alive, the node's log (its stderr, kept in a file in
 //! the node's temp dir) is printed, which is usually the fastest way to see what went wrong.
 
-#![allow(dead_code)] // each test crate uses a different part of the harness
+#![allow(dead_code)] // each test module uses a different part of the harness
+
+pub mod lab;
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -528,14 +530,26 @@ pub async fn first_page(api: &Api, room_id: &str, dir: &str, limit: u32) -> Vec<
 /// A node in this process on the in-process network `net` (federation without sockets), with
 /// real sled in a temp dir and its client API on a free loopback port; the mesh is off.
 pub async fn inproc_node(net: &std::sync::Arc<outpost::net::local::LocalNetwork>) -> (outpost::server::Node, TempDir) {
+    inproc_node_with(net, |t| t).await
+}
+
+/// [`inproc_node`] whose federation requests go through `wrap(transport)` (to lose some).
+pub async fn inproc_node_with(
+    net: &std::sync::Arc<outpost::net::local::LocalNetwork>,
+    wrap: impl FnOnce(
+        std::sync::Arc<dyn outpost::core::federation::Transport>,
+    ) -> std::sync::Arc<dyn outpost::core::federation::Transport>,
+) -> (outpost::server::Node, TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = outpost::config::Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.client_addr = "127.0.0.1:0".parse().expect("address");
+    let mut config = outpost::config::Config {
+        data_dir: dir.path().to_path_buf(),
+        client_addr: "127.0.0.1:0".parse().expect("address"),
+        ..Default::default()
+    };
     config.mesh.enabled = false; // the in-process network carries federation here
     let n = outpost::server::start(config).await.expect("node starts");
     net.attach(n.core.server_name(), n.federation.clone());
     net.attach_core(&n.core);
-    n.core.set_transport(net.transport(n.core.server_name()));
+    n.core.set_transport(wrap(net.transport(n.core.server_name())));
     (n, dir)
 }
