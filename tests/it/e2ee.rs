@@ -3,14 +3,13 @@
 //! of one-time keys, to-device messages, device deletion with user-interactive auth, and key
 //! backup.
 
-use crate::common;
+use crate::common::{self, send_text, spawn_sync};
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{enc, login, poll_until, register, Api, Node};
 use matrix_sdk::{
-    config::SyncSettings,
     deserialized_responses::TimelineEventKind,
     encryption::CrossSigningResetAuthType,
     ruma::{
@@ -18,16 +17,12 @@ use matrix_sdk::{
             room::create_room,
             uiaa::{AuthData, MatrixUserIdentifier, Password, UserIdentifier},
         },
-        events::{
-            room::{encryption::RoomEncryptionEventContent, message::RoomMessageEventContent},
-            InitialStateEvent,
-        },
+        events::{room::encryption::RoomEncryptionEventContent, InitialStateEvent},
         OwnedEventId, OwnedRoomId, OwnedUserId,
     },
-    Client, Room,
+    Client,
 };
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 
 /// Generous bound for anything that needs a few sync round trips.
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,18 +30,6 @@ const WAIT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Runs `client.sync()` in the background (it also sends the client's key uploads, key queries,
-/// key claims and to-device messages). Abort the handle to stop it.
-fn spawn_sync(client: &Client) -> JoinHandle<()> {
-    let client = client.clone();
-    tokio::spawn(async move {
-        let settings = SyncSettings::default().timeout(Duration::from_secs(5));
-        if let Err(e) = client.sync(settings).await {
-            eprintln!("sync loop of {:?} ended: {e:?}", client.user_id());
-        }
-    })
-}
 
 /// A raw `/sync` as JSON.
 async fn raw_sync(api: &Api, since: Option<&str>, timeout_ms: u64) -> Value {
@@ -74,15 +57,6 @@ fn password_auth(user: &str, password: &str, session: Option<String>) -> AuthDat
     let mut p = Password::new(UserIdentifier::Matrix(MatrixUserIdentifier::new(user.to_owned())), password.to_owned());
     p.session = session;
     AuthData::Password(p)
-}
-
-/// Sends a text message through matrix-sdk (encrypted in an encrypted room).
-async fn send_text(room: &Room, body: &str) -> OwnedEventId {
-    room.send(RoomMessageEventContent::text_plain(body))
-        .await
-        .unwrap_or_else(|e| panic!("sending {body:?} failed: {e:?}"))
-        .response
-        .event_id
 }
 
 /// Waits until `client` has the room and can decrypt `event_id` to the text `body`.

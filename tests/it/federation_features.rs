@@ -4,8 +4,9 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::common::{send_text, spawn_sync};
+
 use matrix_sdk::{
-    config::SyncSettings,
     deserialized_responses::TimelineEventKind,
     ruma::{
         api::client::{
@@ -13,17 +14,13 @@ use matrix_sdk::{
             room::create_room,
             uiaa::{AuthData, Dummy},
         },
-        events::{
-            room::{encryption::RoomEncryptionEventContent, message::RoomMessageEventContent},
-            InitialStateEvent,
-        },
+        events::{room::encryption::RoomEncryptionEventContent, InitialStateEvent},
         OwnedEventId, OwnedRoomId, OwnedUserId,
     },
-    Client, Room,
+    Client,
 };
 use outpost::{config::Config, net::local::LocalNetwork, server};
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 
 /// Generous bound for anything that needs a few round trips between nodes.
 const WAIT: Duration = Duration::from_secs(60);
@@ -677,24 +674,6 @@ async fn sdk_login(n: &server::Node, user: &str) -> Client {
     let client = Client::builder().homeserver_url(n.client_url()).build().await.expect("build matrix-sdk client");
     client.matrix_auth().login_username(user, &format!("{user}-password")).send().await.expect("login");
     client
-}
-
-fn spawn_sync(client: &Client) -> JoinHandle<()> {
-    let client = client.clone();
-    tokio::spawn(async move {
-        let settings = SyncSettings::default().timeout(Duration::from_secs(5));
-        if let Err(e) = client.sync(settings).await {
-            eprintln!("sync loop of {:?} ended: {e:?}", client.user_id());
-        }
-    })
-}
-
-async fn send_text(room: &Room, body: &str) -> OwnedEventId {
-    room.send(RoomMessageEventContent::text_plain(body))
-        .await
-        .unwrap_or_else(|e| panic!("sending {body:?} failed: {e:?}"))
-        .response
-        .event_id
 }
 
 async fn assert_decrypts(client: &Client, who: &str, room_id: &OwnedRoomId, event_id: &OwnedEventId, body: &str) {

@@ -2,46 +2,23 @@
 //! peer address, a matrix-sdk client on each, talking in an encrypted room. Keys, one-time key
 //! claims, room keys (to-device) and messages all cross the libp2p mesh.
 
-use crate::common;
+use crate::common::{self, send_text, spawn_sync};
 
 use std::time::Duration;
 
 use common::{enc, poll_until, register, Api, Node};
 use matrix_sdk::{
-    config::SyncSettings,
     deserialized_responses::TimelineEventKind,
     ruma::{
         api::client::room::create_room,
-        events::{
-            room::{encryption::RoomEncryptionEventContent, message::RoomMessageEventContent},
-            InitialStateEvent,
-        },
+        events::{room::encryption::RoomEncryptionEventContent, InitialStateEvent},
         OwnedEventId, OwnedRoomId, OwnedUserId,
     },
-    Client, Room,
+    Client,
 };
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn spawn_sync(client: &Client) -> JoinHandle<()> {
-    let client = client.clone();
-    tokio::spawn(async move {
-        let settings = SyncSettings::default().timeout(Duration::from_secs(5));
-        if let Err(e) = client.sync(settings).await {
-            eprintln!("sync loop of {:?} ended: {e:?}", client.user_id());
-        }
-    })
-}
-
-async fn send_text(room: &Room, body: &str) -> OwnedEventId {
-    room.send(RoomMessageEventContent::text_plain(body))
-        .await
-        .unwrap_or_else(|e| panic!("sending {body:?} failed: {e:?}"))
-        .response
-        .event_id
-}
 
 async fn assert_decrypts(client: &Client, who: &str, room_id: &OwnedRoomId, event_id: &OwnedEventId, body: &str) {
     poll_until(WAIT, &format!("{who} to decrypt {body:?} ({event_id})"), || async {

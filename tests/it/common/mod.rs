@@ -553,3 +553,24 @@ pub async fn inproc_node_with(
     n.core.set_transport(wrap(net.transport(n.core.server_name())));
     (n, dir)
 }
+
+/// Runs matrix-sdk's `client.sync()` in the background (it also sends the client's key uploads,
+/// key queries, key claims and to-device messages). Abort the handle to stop it.
+pub fn spawn_sync(client: &Client) -> tokio::task::JoinHandle<()> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let settings = matrix_sdk::config::SyncSettings::default().timeout(Duration::from_secs(5));
+        if let Err(e) = client.sync(settings).await {
+            eprintln!("sync loop of {:?} ended: {e:?}", client.user_id());
+        }
+    })
+}
+
+/// Sends a plain-text message through matrix-sdk; returns its event id.
+pub async fn send_text(room: &matrix_sdk::Room, body: &str) -> matrix_sdk::ruma::OwnedEventId {
+    room.send(matrix_sdk::ruma::events::room::message::RoomMessageEventContent::text_plain(body))
+        .await
+        .unwrap_or_else(|e| panic!("sending {body:?} failed: {e:?}"))
+        .response
+        .event_id
+}
