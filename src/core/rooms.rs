@@ -21,6 +21,9 @@ use crate::store::{key, prefix, Batch, Tree};
 
 /// Most prev events a new local event references.
 const MAX_PREV_EVENTS: usize = 20;
+/// Most events one new event supersedes as forward extremities (its prev events, and theirs
+/// through chains of soft-failed events).
+const MAX_SUPERSEDED: usize = 1000;
 
 /// What the node keeps per room.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -469,6 +472,35 @@ impl Core {
                 self.enqueue_pdu(batch, &dests, pos, id);
                 all_dests.extend(dests);
             }
+            // A server entering the room (as we see it: by its join, or by a resolution that
+            // lets in a member we had out) did not get what we sent while it was out. As the
+            // origin of our events we owe them to it: send it our own forward extremities this
+            // event does not build on, and it pulls what lies behind them (get_missing_events).
+            let entering = self.servers_entering(&room_map, &new_room_map, &in_batch)?;
+            if !entering.is_empty() {
+                let superseded = self.superseded_by(&pdu.prev_events)?;
+                let dropped = |e: &EventId| {
+                    let k = key(&[room_id.as_bytes(), e.as_bytes()]);
+                    batch.ops.iter().any(|op| matches!(op, crate::store::Op::Delete(Tree::Extremities, d) if *d == k))
+                };
+                let mut owed = Vec::new();
+                for e in self.extremities(room_id)? {
+                    if e == *id || superseded.contains(&e) || dropped(&e) {
+                        continue;
+                    }
+                    if let Some(st) = self.stored_pdu(&e)? {
+                        if Pdu::from_json(e.clone(), &st.json)?.sender.server_name() == self.server_name() {
+                            owed.push((st.pos, e));
+                        }
+                    }
+                }
+                for (p, e) in &owed {
+                    self.enqueue_pdu(batch, &entering, *p, e);
+                }
+                if !owed.is_empty() {
+                    all_dests.extend(entering);
+                }
+            }
             record.state_group = new_room_sg;
             room_map = new_room_map;
             let stored = StoredPdu {
@@ -483,7 +515,7 @@ impl Core {
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
-            for prev in &pdu.prev_events {
+            for prev in self.superseded_by(&pdu.prev_events)? {
                 batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
                 batch.put(Tree::Referenced, key(&[room_id.as_bytes(), prev.as_bytes()]), Vec::new());
             }
@@ -515,6 +547,44 @@ impl Core {
         }
         batch.put(Tree::Rooms, room_id.as_bytes().to_vec(), to_json(record));
         Ok(all_dests)
+    }
+
+    /// Servers (other than this one) with a joined member in `new` and none in `old`.
+    fn servers_entering(
+        &self,
+        old: &StateMap,
+        new: &StateMap,
+        in_batch: &dyn Fn(&EventId) -> Option<Pdu>,
+    ) -> Result<BTreeSet<ruma::OwnedServerName>> {
+        let joined = |id: &EventId| -> Result<bool> {
+            let p = match in_batch(id) {
+                Some(p) => Some(p),
+                None => self.pdu(id)?,
+            };
+            Ok(p.is_some_and(|p| p.content_value().get("membership").and_then(|m| m.as_str()) == Some("join")))
+        };
+        let members = |m: &StateMap| {
+            m.range(("m.room.member".to_owned(), String::new())..)
+                .take_while(|((t, _), _)| t == "m.room.member")
+                .filter_map(|((_, k), id)| UserId::parse(k.as_str()).ok().map(|u| (u, id.clone())))
+                .collect::<Vec<_>>()
+        };
+        let mut out = BTreeSet::new();
+        for (u, id) in members(new) {
+            let changed = old.get(&("m.room.member".to_owned(), u.to_string())) != Some(&id);
+            if changed && u.server_name() != self.server_name() && joined(&id)? {
+                out.insert(u.server_name().to_owned());
+            }
+        }
+        if out.is_empty() {
+            return Ok(out);
+        }
+        for (u, id) in members(old) {
+            if out.contains(u.server_name()) && joined(&id)? {
+                out.remove(u.server_name());
+            }
+        }
+        Ok(out)
     }
 
     /// Record, for local users, every membership that differs between two room states.
@@ -672,15 +742,48 @@ impl Core {
         Ok((before, group, max_depth))
     }
 
+    /// The events an event with these prev events builds on, directly or through soft-failed
+    /// events (which never become forward extremities themselves): none of them is a forward
+    /// extremity once it is stored. Without looking through soft-failed events, the event a
+    /// soft-failed one was built on would stay an extremity for good, and its (old) state
+    /// would be resolved against the present forever after.
+    fn superseded_by(&self, prev_events: &[OwnedEventId]) -> Result<BTreeSet<OwnedEventId>> {
+        let mut out: BTreeSet<OwnedEventId> = BTreeSet::new();
+        let mut todo: Vec<OwnedEventId> = prev_events.to_vec();
+        while let Some(id) = todo.pop() {
+            if !out.insert(id.clone()) || out.len() > MAX_SUPERSEDED {
+                continue;
+            }
+            if let Some(stored) = self.stored_pdu(&id)? {
+                if stored.soft_failed {
+                    todo.extend(Pdu::from_json(id, &stored.json)?.prev_events);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The room's state once `prepared` is appended: the resolution of the states after every
     /// forward extremity (the event replaces its prev events among them).
     fn room_state_with(&self, ctx: &RoomCtx, prepared: &Prepared) -> Result<Arc<StateMap>> {
-        let prevs = &prepared.signed.pdu.prev_events;
-        let mut ext_states = vec![prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone())];
-        for e in ctx.extremities.iter().filter(|e| !prevs.contains(e)) {
+        let prevs = self.superseded_by(&prepared.signed.pdu.prev_events)?;
+        let mut ext_states = Vec::new();
+        // An event something in the room already builds on (it reached us after its child,
+        // whose state we got from its origin) is no forward extremity: its state is already
+        // part of its child's, and resolving it again against the present would replay
+        // conflicts settled since.
+        let referenced =
+            self.store.get(Tree::Referenced, &key(&[ctx.room_id.as_bytes(), prepared.signed.event_id.as_bytes()]))?;
+        if referenced.is_none() {
+            ext_states.push(prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone()));
+        }
+        for e in ctx.extremities.iter().filter(|e| !prevs.contains(*e)) {
             if let Some(st) = self.stored_pdu(e)? {
                 ext_states.push(self.state_after(&st)?);
             }
+        }
+        if ext_states.is_empty() {
+            return Ok(ctx.state.clone());
         }
         let new_id = prepared.signed.event_id.clone();
         let new_pdu = prepared.signed.pdu.clone();
@@ -794,6 +897,15 @@ impl Core {
         if !soft_failed {
             prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
         }
+        tracing::debug!(
+            event_id = %prepared.signed.event_id,
+            kind = %prepared.signed.pdu.kind,
+            depth = prepared.signed.pdu.depth,
+            soft_failed,
+            state_from_origin = matches!(prepared.before_group, BeforeGroup::New),
+            extremities = ctx.extremities.len(),
+            "storing remote PDU"
+        );
         self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
         Ok(if soft_failed { PduOutcome::SoftFailed } else { PduOutcome::Accepted })
     }
@@ -818,10 +930,28 @@ impl Core {
         let before = Arc::new(state);
         let mut after = (*before).clone();
         after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
-        // A room we already keep (a copy from before we left, or a concurrent join by another
-        // local user): the join is one more forward extremity, and the room's state is
-        // resolved over all of them — our copy may know events the resident did not.
-        let (mut record, room_state) = match self.room(room_id)? {
+        // A copy we kept from before this server left the room is stale: nobody sends events
+        // to a server that is not in the room, so our forward extremities stopped where we
+        // left, while the room went on. `join_via` pulls the history in between; when that
+        // did not connect our copy to the join (too long a gap, or nobody could serve it),
+        // the resident's state before our join (send_join) supersedes the copy: the join
+        // becomes the only forward extremity and its state the room's (as Dendrite does for a
+        // state-rewriting join). Resolving the old extremities against it instead would
+        // replay conflicts the room settled long ago — e.g. an old join rule overriding a
+        // newer one and soft-failing our own join.
+        let disconnected =
+            join.pdu.prev_events.iter().any(|p| !matches!(self.stored_pdu(p), Ok(Some(s)) if !s.outlier));
+        let stale_copy = disconnected
+            && self.room(room_id)?.is_some()
+            && !self.servers_in_room(room_id)?.contains(self.server_name());
+        let (mut record, room_state, dropped_extremities) = match self.room(room_id)? {
+            Some(record) if stale_copy => {
+                let mut record = record;
+                record.max_depth = record.max_depth.max(join.pdu.depth);
+                (record, None, self.extremities(room_id)?)
+            }
+            // A concurrent join by another local user: the join is one more forward
+            // extremity, and the room's state is resolved over all of them.
             Some(_) => {
                 let ctx = self.room_ctx(room_id)?;
                 let probe = Prepared {
@@ -836,11 +966,13 @@ impl Core {
                 let rs = self.room_state_with(&ctx, &probe)?;
                 let mut record = ctx.record;
                 record.max_depth = record.max_depth.max(join.pdu.depth);
-                (record, Some(rs))
+                (record, Some(rs), Vec::new())
             }
-            None => {
-                (RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth }, None)
-            }
+            None => (
+                RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
+                None,
+                Vec::new(),
+            ),
         };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {
@@ -855,6 +987,9 @@ impl Core {
         let dests = self
             .commit(Batch::new(), |batch, pos, sg| {
                 self.forget_invite(batch, &user, room_id);
+                for e in &dropped_extremities {
+                    batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), e.as_bytes()]));
+                }
                 self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;

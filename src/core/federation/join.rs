@@ -430,9 +430,10 @@ impl Core {
         let join_json = serde_json::to_string(&object).map_err(|e| Error::Internal(e.to_string()))?;
         let join = SignedPdu { event_id: event_id.clone(), pdu: Pdu::from_json(event_id.clone(), &join_json)?, object };
         if self.room(room)?.is_some() {
-            // We kept a copy from before we left: pull what happened since (up to the join),
-            // so that our old forward extremities the resident already built on stop being
-            // extremities; what is left are branches the resident has not seen.
+            // We kept a copy from before we left: catch up on what happened since, up to the
+            // join, as a node back from being offline would — our old forward extremities
+            // then stop being extremities. (If the gap cannot be closed, `adopt_room` drops
+            // them instead.)
             self.fetch_missing_prev_events(server, room, &rules, &join.pdu).await?;
         }
         self.adopt_room(room, &version, create, state, join).await?;
