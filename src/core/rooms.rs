@@ -763,6 +763,20 @@ impl Core {
         Ok(out)
     }
 
+    /// The state before `pdu` as the room will have it once `pdu`'s branch merges with ours:
+    /// the resolution of `before` (the state before `pdu`) with the states after our forward
+    /// extremities that `pdu` does not build on.
+    fn merged_state_before(&self, ctx: &RoomCtx, pdu: &Pdu, before: &Arc<StateMap>) -> Result<Arc<StateMap>> {
+        let superseded = self.superseded_by(&pdu.prev_events)?;
+        let mut forks = vec![before.clone()];
+        for e in ctx.extremities.iter().filter(|e| !superseded.contains(*e)) {
+            if let Some(st) = self.stored_pdu(e)? {
+                forks.push(self.state_after(&st)?);
+            }
+        }
+        Ok(Arc::new(self.resolve_state(&ctx.rules, &forks)?))
+    }
+
     /// The room's state once `prepared` is appended: the resolution of the states after every
     /// forward extremity (the event replaces its prev events among them).
     fn room_state_with(&self, ctx: &RoomCtx, prepared: &Prepared) -> Result<Arc<StateMap>> {
@@ -878,13 +892,27 @@ impl Core {
         // 6. Passes authorization rules based on the current state of the room, otherwise it
         //    is "soft failed": kept in the DAG (events that build on it must still connect),
         //    but neither shown to clients nor built upon by us.
+        //    An event of a branch our forward extremities do not build on (a partition's other
+        //    side) is checked, as Synapse checks one across a gap, against the state the room
+        //    has once the branches merge — the resolution of our extremities' states with the
+        //    state before the event — not against our side's state alone: otherwise whether
+        //    a rejoin or a message of the other side counts would depend on which server saw
+        //    which branch first, and servers would keep disagreeing about who is in the room.
         let soft_failed = match check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
             ctx.state.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
         }) {
             Ok(()) => false,
             Err(e) => {
-                tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
-                true
+                let merged = self.merged_state_before(&ctx, &signed.pdu, &before)?;
+                match check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+                    merged.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
+                }) {
+                    Ok(()) => false,
+                    Err(_) => {
+                        tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
+                        true
+                    }
+                }
             }
         };
         let state_after = signed.pdu.state_key.as_ref().map(|k| {
