@@ -472,33 +472,52 @@ impl Core {
                 self.enqueue_pdu(batch, &dests, pos, id);
                 all_dests.extend(dests);
             }
-            // A server entering the room (as we see it: by its join, or by a resolution that
-            // lets in a member we had out) did not get what we sent while it was out. As the
-            // origin of our events we owe them to it: send it our own forward extremities this
-            // event does not build on, and it pulls what lies behind them (get_missing_events).
-            let entering = self.servers_entering(&room_map, &new_room_map, &in_batch)?;
-            if !entering.is_empty() {
+            // Servers this event lets into or out of the room as we see it (by a membership
+            // event, or by a resolution that decides a membership another way) may lack what
+            // we know: catch them up by sending them forward extremities — they pull whatever
+            // lies behind (get_missing_events).
+            // - A server entering did not get what we sent while it was out: as the origin of
+            //   our events we owe it our own extremities this event does not build on.
+            // - A server leaving may not know it is out (it left by a resolution it has not
+            //   seen, e.g. its rejoin on one side of a partition lost to the other side's join
+            //   rules): nobody sends it anything any more, so it would go on sending events
+            //   everyone soft-fails. Our extremities, this event among them, let it resolve
+            //   the same state.
+            let (entering, mut leaving) = self.servers_changing(&room_map, &new_room_map, &in_batch)?;
+            leaving.remove(pdu.sender.server_name());
+            if !entering.is_empty() || !leaving.is_empty() {
                 let superseded = self.superseded_by(&pdu.prev_events)?;
                 let dropped = |e: &EventId| {
                     let k = key(&[room_id.as_bytes(), e.as_bytes()]);
                     batch.ops.iter().any(|op| matches!(op, crate::store::Op::Delete(Tree::Extremities, d) if *d == k))
                 };
-                let mut owed = Vec::new();
+                let mut after: Vec<(u64, OwnedEventId, bool)> = Vec::new();
                 for e in self.extremities(room_id)? {
                     if e == *id || superseded.contains(&e) || dropped(&e) {
                         continue;
                     }
                     if let Some(st) = self.stored_pdu(&e)? {
-                        if Pdu::from_json(e.clone(), &st.json)?.sender.server_name() == self.server_name() {
-                            owed.push((st.pos, e));
-                        }
+                        let own = Pdu::from_json(e.clone(), &st.json)?.sender.server_name() == self.server_name();
+                        after.push((st.pos, e, own));
                     }
                 }
-                for (p, e) in &owed {
-                    self.enqueue_pdu(batch, &entering, *p, e);
+                if self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), id.as_bytes()]))?.is_none() {
+                    after.push((pos, id.clone(), pdu.sender.server_name() == self.server_name()));
                 }
-                if !owed.is_empty() {
+                let mut sent = false;
+                for (p, e, own) in &after {
+                    if *own && e != id && !entering.is_empty() {
+                        self.enqueue_pdu(batch, &entering, *p, e);
+                        sent = true;
+                    }
+                    if !leaving.is_empty() {
+                        self.enqueue_pdu(batch, &leaving, *p, e);
+                        sent = true;
+                    }
+                }
+                if sent {
                     all_dests.extend(entering);
+                    all_dests.extend(leaving);
                 }
             }
             record.state_group = new_room_sg;
@@ -549,13 +568,14 @@ impl Core {
         Ok(all_dests)
     }
 
-    /// Servers (other than this one) with a joined member in `new` and none in `old`.
-    fn servers_entering(
+    /// Servers (other than this one) with a joined member in `new` and none in `old`
+    /// (entering), and the other way round (leaving).
+    fn servers_changing(
         &self,
         old: &StateMap,
         new: &StateMap,
         in_batch: &dyn Fn(&EventId) -> Option<Pdu>,
-    ) -> Result<BTreeSet<ruma::OwnedServerName>> {
+    ) -> Result<(BTreeSet<ruma::OwnedServerName>, BTreeSet<ruma::OwnedServerName>)> {
         let joined = |id: &EventId| -> Result<bool> {
             let p = match in_batch(id) {
                 Some(p) => Some(p),
@@ -569,22 +589,37 @@ impl Core {
                 .filter_map(|((_, k), id)| UserId::parse(k.as_str()).ok().map(|u| (u, id.clone())))
                 .collect::<Vec<_>>()
         };
-        let mut out = BTreeSet::new();
-        for (u, id) in members(new) {
-            let changed = old.get(&("m.room.member".to_owned(), u.to_string())) != Some(&id);
-            if changed && u.server_name() != self.server_name() && joined(&id)? {
-                out.insert(u.server_name().to_owned());
+        let (old_members, new_members) = (members(old), members(new));
+        // Only servers with a member whose membership event changed can enter or leave.
+        let mut touched: BTreeSet<ruma::OwnedServerName> = BTreeSet::new();
+        for (u, id) in &new_members {
+            if old.get(&("m.room.member".to_owned(), u.to_string())) != Some(id) {
+                touched.insert(u.server_name().to_owned());
             }
         }
-        if out.is_empty() {
-            return Ok(out);
-        }
-        for (u, id) in members(old) {
-            if out.contains(u.server_name()) && joined(&id)? {
-                out.remove(u.server_name());
+        for (u, _) in &old_members {
+            if !new.contains_key(&("m.room.member".to_owned(), u.to_string())) {
+                touched.insert(u.server_name().to_owned());
             }
         }
-        Ok(out)
+        touched.remove(self.server_name());
+        let (mut entering, mut leaving) = (BTreeSet::new(), BTreeSet::new());
+        if touched.is_empty() {
+            return Ok((entering, leaving));
+        }
+        let in_state = |ms: &[(OwnedUserId, OwnedEventId)]| -> Result<BTreeSet<ruma::OwnedServerName>> {
+            let mut out = BTreeSet::new();
+            for (u, id) in ms {
+                if touched.contains(u.server_name()) && !out.contains(u.server_name()) && joined(id)? {
+                    out.insert(u.server_name().to_owned());
+                }
+            }
+            Ok(out)
+        };
+        let (before, after) = (in_state(&old_members)?, in_state(&new_members)?);
+        entering.extend(after.difference(&before).cloned());
+        leaving.extend(before.difference(&after).cloned());
+        Ok((entering, leaving))
     }
 
     /// Record, for local users, every membership that differs between two room states.
