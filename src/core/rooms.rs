@@ -982,6 +982,7 @@ impl Core {
         create_event: OwnedEventId,
         state: StateMap,
         join: SignedPdu,
+        stale_copy: bool,
     ) -> Result<()> {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
@@ -993,28 +994,37 @@ impl Core {
         let before = Arc::new(state);
         let mut after = (*before).clone();
         after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
-        // A copy we kept from before this server left the room is stale: nobody sends events
-        // to a server that is not in the room, so our forward extremities stopped where we
-        // left, while the room went on. `join_via` pulls the history in between; when that
+        // A copy we kept from before this server left the room (`stale_copy`: the caller
+        // found us out of the room when the join began) is stale: nobody sends events to a
+        // server that is not in the room, so our forward extremities stopped where we left,
+        // while the room went on. `join_via` pulled the history in between, up to the join;
+        // the join is then one more forward extremity, and the room's state is resolved over
+        // all of them (branches the resident has not seen may be news to it). But when that
         // did not connect our copy to the join (too long a gap, or nobody could serve it),
         // the resident's state before our join (send_join) supersedes the copy: the join
         // becomes the only forward extremity and its state the room's (as Dendrite does for a
-        // state-rewriting join). Resolving the old extremities against it instead would
-        // replay conflicts the room settled long ago — e.g. an old join rule overriding a
-        // newer one and soft-failing our own join.
+        // state-rewriting join). Resolving the old extremities against it would replay
+        // conflicts the room settled long ago — e.g. an old join rule overriding a newer one
+        // and soft-failing our own join.
+        //
+        // Not when the join already reached us through the room (the resident passed it on
+        // while its send_join answer was on its way, and other events may build on it): it is
+        // part of our copy then, which is no longer stale.
+        if matches!(self.stored_pdu(&join.event_id)?, Some(s) if !s.outlier) {
+            let user = join.pdu.sender.clone();
+            return self.commit(Batch::new(), |batch, _, _| Ok(self.forget_invite(batch, &user, room_id))).await;
+        }
+        let referenced =
+            self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), join.event_id.as_bytes()]))?.is_some();
         let disconnected =
             join.pdu.prev_events.iter().any(|p| !matches!(self.stored_pdu(p), Ok(Some(s)) if !s.outlier));
-        let stale_copy = disconnected
-            && self.room(room_id)?.is_some()
-            && !self.servers_in_room(room_id)?.contains(self.server_name());
+        let replace = stale_copy && disconnected && !referenced;
         let (mut record, room_state, dropped_extremities) = match self.room(room_id)? {
-            Some(record) if stale_copy => {
-                let mut record = record;
+            Some(mut record) if replace => {
                 record.max_depth = record.max_depth.max(join.pdu.depth);
                 (record, None, self.extremities(room_id)?)
             }
-            // A concurrent join by another local user: the join is one more forward
-            // extremity, and the room's state is resolved over all of them.
+            // Our copy, caught up; or a concurrent join by another local user.
             Some(_) => {
                 let ctx = self.room_ctx(room_id)?;
                 let probe = Prepared {
@@ -1056,6 +1066,7 @@ impl Core {
                 self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;
+        tracing::debug!(room = %room_id, stale_copy, dropped = dropped_extremities.len(), "adopted the room");
         self.wake_sender(&dests);
         Ok(())
     }

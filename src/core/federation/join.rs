@@ -362,6 +362,13 @@ impl Core {
     }
 
     async fn join_via(self: &Arc<Self>, user: &UserId, room: &RoomId, server: &ServerName) -> Result<OwnedRoomId> {
+        // Whether we keep a copy of the room from before we left it, which the join is to
+        // replace (see `adopt_room`): decided now, before catching up on it changes its state;
+        // not while another local user's join of the room is under way (theirs may land
+        // first, and ours must then join it rather than replace it).
+        let stale_copy = self.room(room)?.is_some()
+            && !self.servers_in_room(room)?.contains(self.server_name())
+            && self.joining.lock().unwrap_or_else(|e| e.into_inner()).get(room).copied() == Some(1);
         let mut req = prepare_join_event::v1::Request::new(room.to_owned(), user.to_owned());
         req.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
         let res = self.federation_request(server, req).await?;
@@ -430,13 +437,13 @@ impl Core {
         let join_json = serde_json::to_string(&object).map_err(|e| Error::Internal(e.to_string()))?;
         let join = SignedPdu { event_id: event_id.clone(), pdu: Pdu::from_json(event_id.clone(), &join_json)?, object };
         if self.room(room)?.is_some() {
-            // We kept a copy from before we left: catch up on what happened since, up to the
-            // join, as a node back from being offline would — our old forward extremities
-            // then stop being extremities. (If the gap cannot be closed, `adopt_room` drops
-            // them instead.)
+            // We kept a copy from before we left: pull what happened since, up to the join,
+            // as a node back from being offline would (clients see that history, and its
+            // origins' late deliveries of it are duplicates, not new branches). `adopt_room`
+            // then makes the join the room's present.
             self.fetch_missing_prev_events(server, room, &rules, &join.pdu).await?;
         }
-        self.adopt_room(room, &version, create, state, join).await?;
+        self.adopt_room(room, &version, create, state, join, stale_copy).await?;
         Ok(room.to_owned())
     }
 }
