@@ -21,6 +21,10 @@ use crate::store::{key, prefix, Batch, Tree};
 
 /// Most prev events a new local event references.
 const MAX_PREV_EVENTS: usize = 20;
+/// Soft-failed events judged again when a room's state changes (the most recent ones).
+const MAX_SOFT_FAILED_RECHECKED: usize = 64;
+/// Most soft-failed events accepted after one change of a room's state.
+const MAX_UNSOFTFAIL_PER_CHANGE: usize = 64;
 /// Most events one new event supersedes as forward extremities (its prev events, and theirs
 /// through chains of soft-failed events).
 const MAX_SUPERSEDED: usize = 1000;
@@ -440,6 +444,7 @@ impl Core {
                     soft_failed: true,
                 };
                 batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
+                batch.put(Tree::SoftFailed, key(&[room_id.as_bytes(), id.as_bytes()]), Vec::new());
                 continue;
             }
             // The room's current state after this event.
@@ -534,9 +539,12 @@ impl Core {
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
+            batch.delete(Tree::SoftFailed, key(&[room_id.as_bytes(), id.as_bytes()]));
             for prev in self.superseded_by(&pdu.prev_events)? {
                 batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
                 batch.put(Tree::Referenced, key(&[room_id.as_bytes(), prev.as_bytes()]), Vec::new());
+                // An accepted event builds on it: its state is part of the room's now.
+                batch.delete(Tree::SoftFailed, key(&[room_id.as_bytes(), prev.as_bytes()]));
             }
             // An event some accepted event already builds on (we got the child first, its
             // history later) is not a forward extremity.
@@ -718,7 +726,9 @@ impl Core {
         if self.is_remote_invite(&prepared.signed.pdu) {
             prepared.signed = self.exchange_invite(room_id, &ctx.record.version, prepared.signed).await?;
         }
-        self.commit_prepared(&ctx, prepared, depth).await?;
+        if self.commit_prepared(&ctx, prepared, depth).await? {
+            self.recheck_soft_failed(room_id).await?;
+        }
         Ok(id)
     }
 
@@ -798,6 +808,46 @@ impl Core {
         Ok(out)
     }
 
+    /// Our own forward extremities, when our copy of a room we rejoin has caught up, that the
+    /// others have rejected: events we sent while the room had us out (on our side of a
+    /// partition, say, while the other side banned us), which fail the auth rules against the
+    /// state once their branch merges with the rest — as the other servers judged them on
+    /// receipt (soft failure), never to build on them. Kept, they would hold our state apart
+    /// from everyone else's for good (typically with ourselves out of the room again).
+    fn rejected_own_extremities(&self, ctx: &RoomCtx, join: &SignedPdu, after: &StateMap) -> Result<Vec<OwnedEventId>> {
+        let superseded = self.superseded_by(&join.pdu.prev_events)?;
+        let mut others: Vec<(OwnedEventId, Arc<StateMap>)> = Vec::new();
+        for e in ctx.extremities.iter().filter(|e| !superseded.contains(*e)) {
+            if let Some(st) = self.stored_pdu(e)? {
+                others.push((e.clone(), self.state_after(&st)?));
+            }
+        }
+        let join_state = Arc::new(after.clone());
+        let join_id = join.event_id.clone();
+        let join_pdu = join.pdu.clone();
+        let fetch = |id: &EventId| if *id == *join_id { Ok(Some(join_pdu.clone())) } else { self.pdu(id) };
+        let mut rejected = Vec::new();
+        for (e, _) in &others {
+            let Some(stored) = self.stored_pdu(e)? else { continue };
+            let pdu = Pdu::from_json(e.clone(), &stored.json)?;
+            if pdu.sender.server_name() != self.server_name() {
+                continue;
+            }
+            let mut forks = vec![self.state_of_group(stored.state_before)?, join_state.clone()];
+            forks.extend(others.iter().filter(|(o, _)| o != e).map(|(_, st)| st.clone()));
+            let merged = self.resolve_state_with(&ctx.rules, &forks, &fetch)?;
+            if check_state_dependent_auth_rules(&ctx.rules.authorization, &pdu, |t, k| {
+                merged.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id).ok().flatten())
+            })
+            .is_err()
+            {
+                tracing::info!(room = %ctx.room_id, event_id = %e, "an event of ours the room rejected; no longer a forward extremity");
+                rejected.push(e.clone());
+            }
+        }
+        Ok(rejected)
+    }
+
     /// The state before `pdu` as the room will have it once `pdu`'s branch merges with ours:
     /// the resolution of `before` (the state before `pdu`) with the states after our forward
     /// extremities that `pdu` does not build on.
@@ -841,14 +891,17 @@ impl Core {
     }
 
     /// Stage and commit one prepared event of `ctx`'s room, then wake the federation sender.
-    async fn commit_prepared(&self, ctx: &RoomCtx, prepared: Prepared, max_depth_before: u64) -> Result<()> {
+    /// Returns whether the room's current state changed.
+    async fn commit_prepared(&self, ctx: &RoomCtx, prepared: Prepared, max_depth_before: u64) -> Result<bool> {
         let mut record = ctx.record.clone();
         record.max_depth = max_depth_before.max(prepared.signed.pdu.depth);
         let rules = ctx.rules.clone();
         let room_id = ctx.room_id.clone();
-        let dests = self
+        let (dests, changed) = self
             .commit(Batch::new(), |batch, pos, sg| {
-                self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+                let dests =
+                    self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)?;
+                Ok((dests, record.state_group != ctx.record.state_group))
             })
             .await?;
         if prepared.signed.pdu.redacts_target.is_some() {
@@ -856,6 +909,71 @@ impl Core {
             self.unread_memo.invalidate();
         }
         self.wake_sender(&dests);
+        Ok(changed)
+    }
+
+    /// Judge again the soft-failed events of `room_id` no accepted event builds on (the most
+    /// recent ones, oldest first) against the room's state as it is now — the same check as
+    /// on receipt (`store_remote_pdu`, step 6) — and accept those that pass. The caller holds
+    /// the room lock and has just changed the room's state.
+    ///
+    /// Whether an event is soft-failed depends on the state the receiving server had when it
+    /// arrived: after a partition heals, the servers of one side accept a rejoin or a message
+    /// of the other side that a server which had not yet caught up soft-failed, and for good
+    /// the servers disagree about who is in the room. Judged again once its state has caught
+    /// up, the event gets the verdict the others gave it. (Synapse does the same for sticky
+    /// events, MSC4354.) Only ever from soft-failed to accepted, so it settles.
+    async fn recheck_soft_failed(&self, room_id: &RoomId) -> Result<()> {
+        let p = prefix(&[room_id.as_bytes()]);
+        for _ in 0..MAX_UNSOFTFAIL_PER_CHANGE {
+            let mut candidates: Vec<(u64, OwnedEventId, StoredPdu)> = Vec::new();
+            for (k, _) in self.store.scan_prefix(Tree::SoftFailed, &p, usize::MAX)? {
+                let Ok(id) = EventId::parse(&*String::from_utf8_lossy(&k[p.len()..])) else { continue };
+                if let Some(stored) = self.stored_pdu(&id)? {
+                    if stored.soft_failed {
+                        candidates.push((stored.pos, id, stored));
+                    }
+                }
+            }
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            candidates.sort_by_key(|(pos, _, _)| *pos);
+            let skip = candidates.len().saturating_sub(MAX_SOFT_FAILED_RECHECKED);
+            let ctx = self.room_ctx(room_id)?;
+            let mut passing = None;
+            for (_, id, stored) in candidates.into_iter().skip(skip) {
+                let pdu = Pdu::from_json(id.clone(), &stored.json)?;
+                let before = self.state_of_group(stored.state_before)?;
+                let merged = self.merged_state_before(&ctx, &pdu, &before)?;
+                let passes = check_state_dependent_auth_rules(&ctx.rules.authorization, &pdu, |t, k| {
+                    merged.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
+                })
+                .is_ok();
+                if passes {
+                    passing = Some((id, stored, pdu, before));
+                    break;
+                }
+            }
+            let Some((id, stored, pdu, before)) = passing else { return Ok(()) };
+            tracing::info!(room = %room_id, event_id = %id, "soft-failed event passes against the room's state now; accepted");
+            let state_after = match pdu.state_key {
+                Some(_) => Some(self.state_of_group(stored.state_after)?),
+                None => None,
+            };
+            let object = pdu::parse_object(&stored.json)?;
+            let mut prepared = Prepared {
+                signed: SignedPdu { event_id: id, object, pdu },
+                before,
+                before_group: BeforeGroup::Known(stored.state_before),
+                state_after,
+                room_state: None,
+                txn: None,
+                soft_failed: false,
+            };
+            prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+            self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
+        }
         Ok(())
     }
 
@@ -888,7 +1006,9 @@ impl Core {
         ctx.extremities = old_extremities;
         prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
         let id = prepared.signed.event_id.clone();
-        self.commit_prepared(&ctx, prepared, saved_depth).await?;
+        if self.commit_prepared(&ctx, prepared, saved_depth).await? {
+            self.recheck_soft_failed(room_id).await?;
+        }
         Ok(id)
     }
 
@@ -969,7 +1089,9 @@ impl Core {
             extremities = ctx.extremities.len(),
             "storing remote PDU"
         );
-        self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
+        if self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await? {
+            self.recheck_soft_failed(room_id).await?;
+        }
         Ok(if soft_failed { PduOutcome::SoftFailed } else { PduOutcome::Accepted })
     }
 
@@ -1026,7 +1148,9 @@ impl Core {
             }
             // Our copy, caught up; or a concurrent join by another local user.
             Some(_) => {
-                let ctx = self.room_ctx(room_id)?;
+                let mut ctx = self.room_ctx(room_id)?;
+                let dropped = if stale_copy { self.rejected_own_extremities(&ctx, &join, &after)? } else { Vec::new() };
+                ctx.extremities.retain(|e| !dropped.contains(e));
                 let probe = Prepared {
                     signed: join.clone(),
                     before: before.clone(),
@@ -1039,7 +1163,7 @@ impl Core {
                 let rs = self.room_state_with(&ctx, &probe)?;
                 let mut record = ctx.record;
                 record.max_depth = record.max_depth.max(join.pdu.depth);
-                (record, Some(rs), Vec::new())
+                (record, Some(rs), dropped)
             }
             None => (
                 RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
@@ -1068,7 +1192,7 @@ impl Core {
             .await?;
         tracing::debug!(room = %room_id, stale_copy, dropped = dropped_extremities.len(), "adopted the room");
         self.wake_sender(&dests);
-        Ok(())
+        self.recheck_soft_failed(room_id).await
     }
 
     /// Up to `limit` events of `room_id`'s timeline after stream position `after`, oldest first,
