@@ -444,7 +444,7 @@ impl Core {
                     soft_failed: true,
                 };
                 batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
-                batch.put(Tree::SoftFailed, key(&[room_id.as_bytes(), id.as_bytes()]), Vec::new());
+                batch.put(Tree::SoftFailed, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
                 continue;
             }
             // The room's current state after this event.
@@ -539,12 +539,18 @@ impl Core {
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
-            batch.delete(Tree::SoftFailed, key(&[room_id.as_bytes(), id.as_bytes()]));
+            // Soft-failed events this one is (accepted again) or builds on leave the index of
+            // those to judge again: its state is part of the room's now.
+            let mut no_longer_soft_failed = vec![id.clone()];
             for prev in self.superseded_by(&pdu.prev_events)? {
                 batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
                 batch.put(Tree::Referenced, key(&[room_id.as_bytes(), prev.as_bytes()]), Vec::new());
-                // An accepted event builds on it: its state is part of the room's now.
-                batch.delete(Tree::SoftFailed, key(&[room_id.as_bytes(), prev.as_bytes()]));
+                no_longer_soft_failed.push(prev);
+            }
+            for e in &no_longer_soft_failed {
+                if let Some(old) = self.stored_pdu(e)?.filter(|s| s.soft_failed) {
+                    batch.delete(Tree::SoftFailed, key(&[room_id.as_bytes(), &old.pos.to_be_bytes()]));
+                }
             }
             // An event some accepted event already builds on (we got the child first, its
             // history later) is not a forward extremity.
@@ -597,6 +603,9 @@ impl Core {
                 .filter_map(|((_, k), id)| UserId::parse(k.as_str()).ok().map(|u| (u, id.clone())))
                 .collect::<Vec<_>>()
         };
+        if old == new {
+            return Ok((BTreeSet::new(), BTreeSet::new()));
+        }
         let (old_members, new_members) = (members(old), members(new));
         // Only servers with a member whose membership event changed can enter or leave.
         let mut touched: BTreeSet<ruma::OwnedServerName> = BTreeSet::new();
@@ -927,29 +936,47 @@ impl Core {
         let p = prefix(&[room_id.as_bytes()]);
         for _ in 0..MAX_UNSOFTFAIL_PER_CHANGE {
             let mut candidates: Vec<(u64, OwnedEventId, StoredPdu)> = Vec::new();
-            for (k, _) in self.store.scan_prefix(Tree::SoftFailed, &p, usize::MAX)? {
-                let Ok(id) = EventId::parse(&*String::from_utf8_lossy(&k[p.len()..])) else { continue };
-                if let Some(stored) = self.stored_pdu(&id)? {
-                    if stored.soft_failed {
-                        candidates.push((stored.pos, id, stored));
-                    }
+            for (_, v) in self.store.scan(Tree::SoftFailed, &p, None, None, true, MAX_SOFT_FAILED_RECHECKED)? {
+                let Ok(id) = EventId::parse(&*String::from_utf8_lossy(&v)) else { continue };
+                if let Some(stored) = self.stored_pdu(&id)?.filter(|s| s.soft_failed) {
+                    candidates.push((stored.pos, id, stored));
                 }
             }
             if candidates.is_empty() {
                 return Ok(());
             }
+            // Oldest first: an event before the ones that build on it.
             candidates.sort_by_key(|(pos, _, _)| *pos);
-            let skip = candidates.len().saturating_sub(MAX_SOFT_FAILED_RECHECKED);
             let ctx = self.room_ctx(room_id)?;
+            let passes_in = |pdu: &Pdu, state: &StateMap| {
+                check_state_dependent_auth_rules(&ctx.rules.authorization, pdu, |t, k| {
+                    state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
+                })
+                .is_ok()
+            };
+            // Events of one branch mostly share their state before (messages): one resolution.
+            type MergedKey = (u64, Vec<OwnedEventId>);
+            let mut merged_cache: std::collections::BTreeMap<MergedKey, Arc<StateMap>> = Default::default();
             let mut passing = None;
-            for (_, id, stored) in candidates.into_iter().skip(skip) {
+            for (_, id, stored) in candidates {
                 let pdu = Pdu::from_json(id.clone(), &stored.json)?;
                 let before = self.state_of_group(stored.state_before)?;
-                let merged = self.merged_state_before(&ctx, &pdu, &before)?;
-                let passes = check_state_dependent_auth_rules(&ctx.rules.authorization, &pdu, |t, k| {
-                    merged.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
-                })
-                .is_ok();
+                let passes = {
+                    let superseded = self.superseded_by(&pdu.prev_events)?;
+                    let k: MergedKey = (
+                        stored.state_before,
+                        ctx.extremities.iter().filter(|e| superseded.contains(*e)).cloned().collect(),
+                    );
+                    let merged = match merged_cache.get(&k) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = self.merged_state_before(&ctx, &pdu, &before)?;
+                            merged_cache.insert(k, m.clone());
+                            m
+                        }
+                    };
+                    passes_in(&pdu, &merged)
+                };
                 if passes {
                     passing = Some((id, stored, pdu, before));
                     break;
@@ -1121,7 +1148,8 @@ impl Core {
         // server that is not in the room, so our forward extremities stopped where we left,
         // while the room went on. `join_via` pulled the history in between, up to the join;
         // the join is then one more forward extremity, and the room's state is resolved over
-        // all of them (branches the resident has not seen may be news to it). But when that
+        // all of them (branches the resident has not seen may be news to it) — all but those
+        // of our own events the room rejected (`rejected_own_extremities`). But when that
         // did not connect our copy to the join (too long a gap, or nobody could serve it),
         // the resident's state before our join (send_join) supersedes the copy: the join
         // becomes the only forward extremity and its state the room's (as Dendrite does for a

@@ -67,8 +67,9 @@ pub enum Tree {
     /// `prev_events` — they can never (again) be forward extremities, even if they are stored
     /// after that child (history filled in later).
     Referenced,
-    /// `room_id 0xff event_id → ()`: soft-failed events no accepted event builds on yet; they
-    /// are judged again when the room's state changes (see `Core::recheck_soft_failed`).
+    /// `room_id 0xff stream_pos(be u64) → event_id`: soft-failed events no accepted event
+    /// builds on yet; the newest are judged again when the room's state changes (see
+    /// `Core::recheck_soft_failed`).
     SoftFailed,
     /// `user_id 0xff room_id → Membership` (the user's own view of their rooms).
     UserRooms,
