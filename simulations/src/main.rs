@@ -40,11 +40,24 @@ enum Cmd {
     },
 }
 
+/// Log timestamps in virtual time since the start of the run.
+struct VirtualTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for VirtualTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match outpost_simulations::node::virtual_ms() {
+            Some(ms) => write!(w, "[{:>9.3}s]", ms as f64 / 1000.0),
+            None => write!(w, "[        -]"),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            .with_timer(VirtualTime)
             .try_init();
     }
     let Cmd::Run { scenario, seed, nodes, out, set, quiet } = Cli::parse().cmd;

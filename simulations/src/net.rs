@@ -399,12 +399,15 @@ impl Transport for SimTransport {
                 };
                 let mut req = req.map(Body::from);
                 req.extensions_mut().insert(AuthenticatedPeer(this.name.clone()));
-                let handler = tokio::spawn(async move {
-                    let res = router.oneshot(req).await.map_err(|e| e.to_string())?;
-                    let (parts, body) = res.into_parts();
-                    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-                    Ok::<_, String>(http::Response::from_parts(parts, bytes))
-                });
+                let handler = tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let res = router.oneshot(req).await.map_err(|e| e.to_string())?;
+                        let (parts, body) = res.into_parts();
+                        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+                        Ok::<_, String>(http::Response::from_parts(parts, bytes))
+                    },
+                    crate::world::node_span(to),
+                ));
                 let hs = &mut g.handlers[to];
                 hs.retain(|h| !h.is_finished());
                 hs.push(handler.abort_handle());

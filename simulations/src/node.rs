@@ -21,6 +21,16 @@ use tokio::task::AbortHandle;
 
 use crate::net::SimNet;
 
+thread_local! {
+    /// Start of the run on this thread (for log timestamps).
+    static RUN_START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Virtual ms since the start of the run on this thread, if one started (log timestamps).
+pub fn virtual_ms() -> Option<u64> {
+    RUN_START.with(|s| s.get()).map(|start| start.elapsed().as_millis() as u64)
+}
+
 /// Wall time as the nodes see it: a fixed epoch plus tokio's (paused, virtual) clock.
 pub struct VirtualClock {
     start: tokio::time::Instant,
@@ -30,7 +40,9 @@ pub struct VirtualClock {
 impl VirtualClock {
     /// A clock reading `epoch_ms` now.
     pub fn new(epoch_ms: u64) -> Self {
-        Self { start: tokio::time::Instant::now(), epoch_ms }
+        let start = tokio::time::Instant::now();
+        RUN_START.with(|s| s.set(Some(start)));
+        Self { start, epoch_ms }
     }
 
     /// Virtual ms since the clock was made.
@@ -178,7 +190,10 @@ impl Node {
         };
         net.attach(self.idx, api::federation::router(state), self.incarnation);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let sender = tokio::spawn(core.clone().run_sender(stop_rx));
+        let sender = tokio::spawn(tracing::Instrument::instrument(
+            core.clone().run_sender(stop_rx),
+            crate::world::node_span(self.idx),
+        ));
         self.live = Some(Live { core: core.clone(), alive, stop, tasks: vec![sender.abort_handle()] });
         Ok(core)
     }

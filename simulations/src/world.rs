@@ -16,6 +16,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId};
 use serde_json::json;
 use tokio::{sync::mpsc, time::Instant};
+use tracing::Instrument;
 
 use crate::{
     net::{LinkParams, SimNet},
@@ -390,6 +391,7 @@ impl World {
         // Every node starts; node 0 creates the room.
         for i in 0..n {
             self.start_node(i)?;
+            tracing::info!(node = i, server = %self.sh.names[i], "node's server name");
         }
         if !self.positions.is_empty() {
             self.apply_positions();
@@ -453,7 +455,7 @@ impl World {
     fn spawn_observer(&mut self, i: usize) {
         let Some(core) = self.nodes[i].core().cloned() else { return };
         let sh = self.sh.clone();
-        let task = tokio::spawn(observe(core, i, sh));
+        let task = tokio::spawn(observe(core, i, sh).instrument(node_span(i)));
         self.nodes[i].track(task.abort_handle());
     }
 
@@ -667,7 +669,7 @@ impl World {
         let sh = self.sh.clone();
         let retry = Duration::from_millis(ms(self.scn.room.join_retry_s).max(1));
         let rng = StdRng::seed_from_u64(mix(self.seed, i as u64, 0x6a6f696e ^ self.seq));
-        let task = tokio::spawn(join_task(core, i, sh, retry, rng));
+        let task = tokio::spawn(join_task(core, i, sh, retry, rng).instrument(node_span(i)));
         self.nodes[i].track(task.abort_handle());
     }
 
@@ -692,31 +694,34 @@ impl World {
         }
         let pad = "x".repeat(self.scn.messages.body_bytes);
         let sh = self.sh.clone();
-        let task = tokio::spawn(async move {
-            let room = sh.room();
-            let t = PduTemplate {
-                kind: TimelineEventType::RoomMessage,
-                content: json!({"msgtype": "m.text", "body": format!("message {k} {pad}"), "sim_id": k}),
-                state_key: None,
-                redacts: None,
-            };
-            let res = core.send_event(&sh.users[origin], None, &room, t, None).await;
-            let dests = core.servers_in_room(&room).unwrap_or_default();
-            let now = sh.now();
-            let mut r = sh.rec();
-            match res {
-                Ok(id) => {
-                    let members: Vec<usize> = (0..r.joined.len()).filter(|&j| j != origin && r.joined[j]).collect();
-                    let m = &mut r.msgs[k];
-                    m.acked = true;
-                    m.event = Some(id);
-                    m.dests = dests.iter().filter_map(|d| sh.idx_of(d)).filter(|&d| d != origin).collect();
-                    m.members = members;
-                    r.disturbed(now);
+        let task = tokio::spawn(
+            async move {
+                let room = sh.room();
+                let t = PduTemplate {
+                    kind: TimelineEventType::RoomMessage,
+                    content: json!({"msgtype": "m.text", "body": format!("message {k} {pad}"), "sim_id": k}),
+                    state_key: None,
+                    redacts: None,
+                };
+                let res = core.send_event(&sh.users[origin], None, &room, t, None).await;
+                let dests = core.servers_in_room(&room).unwrap_or_default();
+                let now = sh.now();
+                let mut r = sh.rec();
+                match res {
+                    Ok(id) => {
+                        let members: Vec<usize> = (0..r.joined.len()).filter(|&j| j != origin && r.joined[j]).collect();
+                        let m = &mut r.msgs[k];
+                        m.acked = true;
+                        m.event = Some(id);
+                        m.dests = dests.iter().filter_map(|d| sh.idx_of(d)).filter(|&d| d != origin).collect();
+                        m.members = members;
+                        r.disturbed(now);
+                    }
+                    Err(e) => r.msgs[k].error = Some(e.to_string()),
                 }
-                Err(e) => r.msgs[k].error = Some(e.to_string()),
             }
-        });
+            .instrument(node_span(origin)),
+        );
         self.nodes[origin].track(task.abort_handle());
     }
 
@@ -735,101 +740,107 @@ impl World {
         let sh = self.sh.clone();
         let rejoin_ms = ms(self.scn.state_changes.rejoin_after_s);
         let unban_ms = ms(self.scn.state_changes.unban_after_s);
-        let task = tokio::spawn(async move {
-            let room = sh.room();
-            let me = sh.users[actor].clone();
-            let now = sh.now();
-            let st = |kind: &str, content: serde_json::Value| PduTemplate {
-                kind: TimelineEventType::from(kind),
-                content,
-                state_key: Some(String::new()),
-                redacts: None,
-            };
-            let mut follow: Option<(u64, Act)> = None;
-            let res: Result<OwnedEventId, String> = async {
-                match kind.as_str() {
-                    "topic" => core
-                        .send_event(
-                            &me,
-                            None,
-                            &room,
-                            st("m.room.topic", json!({"topic": format!("topic {k} by node {actor}")})),
-                            None,
-                        )
-                        .await
-                        .map_err(|e| e.to_string()),
-                    "power_levels" => {
-                        let t = target.ok_or("no target")?;
-                        let mut content = core
-                            .state_event(&room, "m.room.power_levels", "")
-                            .map_err(|e| e.to_string())?
-                            .map(|p| p.content_value())
-                            .ok_or("no power levels")?;
-                        content["users"][sh.users[t].as_str()] = json!(level);
-                        core.send_event(&me, None, &room, st("m.room.power_levels", content), None)
+        let task = tokio::spawn(
+            async move {
+                let room = sh.room();
+                let me = sh.users[actor].clone();
+                let now = sh.now();
+                let st = |kind: &str, content: serde_json::Value| PduTemplate {
+                    kind: TimelineEventType::from(kind),
+                    content,
+                    state_key: Some(String::new()),
+                    redacts: None,
+                };
+                let mut follow: Option<(u64, Act)> = None;
+                let res: Result<OwnedEventId, String> = async {
+                    match kind.as_str() {
+                        "topic" => core
+                            .send_event(
+                                &me,
+                                None,
+                                &room,
+                                st("m.room.topic", json!({"topic": format!("topic {k} by node {actor}")})),
+                                None,
+                            )
                             .await
-                            .map_err(|e| e.to_string())
-                    }
-                    "join_rules" => {
-                        let current =
-                            core.state_event(&room, "m.room.join_rules", "").map_err(|e| e.to_string())?.and_then(
-                                |p| p.content_value().get("join_rule").and_then(|j| j.as_str()).map(String::from),
-                            );
-                        let next = if current.as_deref() == Some("public") { "invite" } else { "public" };
-                        core.send_event(&me, None, &room, st("m.room.join_rules", json!({"join_rule": next})), None)
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                    "ban" => {
-                        let t = target.ok_or("no target")?;
-                        let r = core
-                            .set_membership(&me, &room, &sh.users[t], "ban", Some("simulated".into()), None)
-                            .await
-                            .map_err(|e| e.to_string());
-                        if r.is_ok() {
-                            follow = Some((now + unban_ms, Act::Unban(actor, t)));
+                            .map_err(|e| e.to_string()),
+                        "power_levels" => {
+                            let t = target.ok_or("no target")?;
+                            let mut content = core
+                                .state_event(&room, "m.room.power_levels", "")
+                                .map_err(|e| e.to_string())?
+                                .map(|p| p.content_value())
+                                .ok_or("no power levels")?;
+                            content["users"][sh.users[t].as_str()] = json!(level);
+                            core.send_event(&me, None, &room, st("m.room.power_levels", content), None)
+                                .await
+                                .map_err(|e| e.to_string())
                         }
-                        r
-                    }
-                    _ => {
-                        // membership: leave, and join again later.
-                        if actor == 0 {
-                            return Err("node 0 stays".to_owned());
+                        "join_rules" => {
+                            let current =
+                                core.state_event(&room, "m.room.join_rules", "").map_err(|e| e.to_string())?.and_then(
+                                    |p| p.content_value().get("join_rule").and_then(|j| j.as_str()).map(String::from),
+                                );
+                            let next = if current.as_deref() == Some("public") { "invite" } else { "public" };
+                            core.send_event(&me, None, &room, st("m.room.join_rules", json!({"join_rule": next})), None)
+                                .await
+                                .map_err(|e| e.to_string())
                         }
-                        let r =
-                            core.set_membership(&me, &room, &me, "leave", None, None).await.map_err(|e| e.to_string());
-                        if r.is_ok() {
-                            follow = Some((now + rejoin_ms, Act::Join(actor)));
+                        "ban" => {
+                            let t = target.ok_or("no target")?;
+                            let r = core
+                                .set_membership(&me, &room, &sh.users[t], "ban", Some("simulated".into()), None)
+                                .await
+                                .map_err(|e| e.to_string());
+                            if r.is_ok() {
+                                follow = Some((now + unban_ms, Act::Unban(actor, t)));
+                            }
+                            r
                         }
-                        r
+                        _ => {
+                            // membership: leave, and join again later.
+                            if actor == 0 {
+                                return Err("node 0 stays".to_owned());
+                            }
+                            let r = core
+                                .set_membership(&me, &room, &me, "leave", None, None)
+                                .await
+                                .map_err(|e| e.to_string());
+                            if r.is_ok() {
+                                follow = Some((now + rejoin_ms, Act::Join(actor)));
+                            }
+                            r
+                        }
                     }
                 }
-            }
-            .await;
-            if let Some((t, a)) = follow {
-                sh.later(t, a);
-            }
-            let done = sh.now();
-            let dests: Vec<usize> = core
-                .servers_in_room(&room)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|d| sh.idx_of(d))
-                .filter(|&d| d != actor)
-                .chain(target.filter(|_| kind == "ban"))
-                .collect::<BTreeSet<usize>>()
-                .into_iter()
-                .collect();
-            let mut r = sh.rec();
-            let (event, error) = match res {
-                Ok(id) => {
-                    r.disturbed(done);
-                    (Some(id), None)
+                .await;
+                if let Some((t, a)) = follow {
+                    sh.later(t, a);
                 }
-                Err(e) => (None, Some(e)),
-            };
-            r.changes.push(Change { node: actor, t_ms: now, kind, event, error, dests });
-        });
+                let done = sh.now();
+                let dests: Vec<usize> = core
+                    .servers_in_room(&room)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|d| sh.idx_of(d))
+                    .filter(|&d| d != actor)
+                    .chain(target.filter(|_| kind == "ban"))
+                    .collect::<BTreeSet<usize>>()
+                    .into_iter()
+                    .collect();
+                let mut r = sh.rec();
+                let (event, error) = match res {
+                    Ok(id) => {
+                        r.disturbed(done);
+                        (Some(id), None)
+                    }
+                    Err(e) => (None, Some(e)),
+                };
+                tracing::info!(%kind, ?target, ?event, ?error, "state change");
+                r.changes.push(Change { node: actor, t_ms: now, kind, event, error, dests });
+            }
+            .instrument(node_span(actor)),
+        );
         self.nodes[actor].track(task.abort_handle());
     }
 
@@ -840,27 +851,30 @@ impl World {
         let Some(core) = self.nodes[0].core().cloned() else { return };
         let sh = self.sh.clone();
         let n = self.n();
-        let task = tokio::spawn(async move {
-            let room = sh.room();
-            let me = sh.users[0].clone();
-            let public = PduTemplate {
-                kind: TimelineEventType::RoomJoinRules,
-                content: json!({"join_rule": "public"}),
-                state_key: Some(String::new()),
-                redacts: None,
-            };
-            let _ = core.send_event(&me, None, &room, public, None).await;
-            for t in 1..n {
-                if matches!(core.membership(&room, &sh.users[t]), Ok(Some(m)) if m == "ban") {
-                    let _ = core.set_membership(&me, &room, &sh.users[t], "leave", None, None).await;
+        let task = tokio::spawn(
+            async move {
+                let room = sh.room();
+                let me = sh.users[0].clone();
+                let public = PduTemplate {
+                    kind: TimelineEventType::RoomJoinRules,
+                    content: json!({"join_rule": "public"}),
+                    state_key: Some(String::new()),
+                    redacts: None,
+                };
+                let _ = core.send_event(&me, None, &room, public, None).await;
+                for t in 1..n {
+                    if matches!(core.membership(&room, &sh.users[t]), Ok(Some(m)) if m == "ban") {
+                        let _ = core.set_membership(&me, &room, &sh.users[t], "leave", None, None).await;
+                    }
+                }
+                let now = sh.now();
+                sh.rec().disturbed(now);
+                for t in 1..n {
+                    sh.later(now + 5_000 + 100 * t as u64, Act::Join(t));
                 }
             }
-            let now = sh.now();
-            sh.rec().disturbed(now);
-            for t in 1..n {
-                sh.later(now + 5_000 + 100 * t as u64, Act::Join(t));
-            }
-        });
+            .instrument(node_span(0)),
+        );
         self.nodes[0].track(task.abort_handle());
     }
 
@@ -868,45 +882,49 @@ impl World {
         let Some(core) = self.nodes[actor].core().cloned() else { return };
         let sh = self.sh.clone();
         let rejoin_ms = ms(self.scn.state_changes.rejoin_after_s);
-        let task = tokio::spawn(async move {
-            let room = sh.room();
-            let now = sh.now();
-            // Only what a moderator would do: lift a ban they can see.
-            if !matches!(core.membership(&room, &sh.users[target]), Ok(Some(m)) if m == "ban") {
-                return;
-            }
-            let res = core.set_membership(&sh.users[actor], &room, &sh.users[target], "leave", None, None).await;
-            let mut dests: Vec<usize> =
-                core.servers_in_room(&room).unwrap_or_default().iter().filter_map(|d| sh.idx_of(d)).collect();
-            dests.push(target);
-            dests.retain(|&d| d != actor);
-            dests.sort_unstable();
-            dests.dedup();
-            let mut r = sh.rec();
-            match res {
-                Ok(id) => {
-                    r.disturbed(now);
-                    r.changes.push(Change {
+        let task = tokio::spawn(
+            async move {
+                let room = sh.room();
+                let now = sh.now();
+                // Only what a moderator would do: lift a ban they can see.
+                if !matches!(core.membership(&room, &sh.users[target]), Ok(Some(m)) if m == "ban") {
+                    return;
+                }
+                let res = core.set_membership(&sh.users[actor], &room, &sh.users[target], "leave", None, None).await;
+                let mut dests: Vec<usize> =
+                    core.servers_in_room(&room).unwrap_or_default().iter().filter_map(|d| sh.idx_of(d)).collect();
+                dests.push(target);
+                dests.retain(|&d| d != actor);
+                dests.sort_unstable();
+                dests.dedup();
+                tracing::info!(target, result = ?res, "unban");
+                let mut r = sh.rec();
+                match res {
+                    Ok(id) => {
+                        r.disturbed(now);
+                        r.changes.push(Change {
+                            node: actor,
+                            t_ms: now,
+                            kind: "unban".into(),
+                            event: Some(id),
+                            error: None,
+                            dests,
+                        });
+                        drop(r);
+                        sh.later(now + rejoin_ms, Act::Join(target));
+                    }
+                    Err(e) => r.changes.push(Change {
                         node: actor,
                         t_ms: now,
                         kind: "unban".into(),
-                        event: Some(id),
-                        error: None,
-                        dests,
-                    });
-                    drop(r);
-                    sh.later(now + rejoin_ms, Act::Join(target));
+                        event: None,
+                        error: Some(e.to_string()),
+                        dests: Vec::new(),
+                    }),
                 }
-                Err(e) => r.changes.push(Change {
-                    node: actor,
-                    t_ms: now,
-                    kind: "unban".into(),
-                    event: None,
-                    error: Some(e.to_string()),
-                    dests: Vec::new(),
-                }),
             }
-        });
+            .instrument(node_span(actor)),
+        );
         self.nodes[actor].track(task.abort_handle());
     }
 
@@ -1078,6 +1096,7 @@ async fn join_task(core: Arc<Core>, i: usize, sh: Arc<Shared>, retry: Duration, 
         match res {
             Ok(()) => {
                 let mut r = sh.rec();
+                tracing::info!("joined");
                 r.joins_ok += 1;
                 r.join_ms.push(now - first);
                 r.joined[i] = true;
@@ -1095,4 +1114,9 @@ impl World {
     pub fn seed(&self) -> u64 {
         self.sh.seed
     }
+}
+
+/// A tracing span naming node `i`, so that `RUST_LOG` output says which node logged what.
+pub(crate) fn node_span(i: usize) -> tracing::Span {
+    tracing::info_span!(parent: None, "node", n = i)
 }

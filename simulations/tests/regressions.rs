@@ -58,16 +58,32 @@ fn join_storm_everyone_sees_everyone() {
     assert_eq!(o.summary["pairs_soft_failed"], 0);
 }
 
-/// Open: with bans, unbans, leaves and rejoins on both sides of a partition, some seeds still
-/// end with a node whose state disagrees with the others' — typically a node that rejoins with
-/// a stale copy whose old forward extremities `get_missing_events` (100 events) could not
-/// connect, so state resolution treats them as concurrent with the present; or a banned node
-/// that never stores the unban sent to it. Kept so the fix has its test; see
-/// simulations/README.md.
+/// Bans, unbans, leaves and rejoins on both sides of a partition left nodes whose state
+/// disagreed with everyone else's, or that never stored the unban sent to them: a rejoining
+/// node resolved its stale copy against the present (an old join rule beat the creator's
+/// newer one); a banned node could not fetch the auth events of its unban (403) and dropped
+/// it; gaps longer than one `get_missing_events` answer, or only partly served by a server
+/// that had just joined, never closed; soft-fail verdicts depended on which branch a server
+/// saw first, and quiet rooms stayed forked. (Split in three so that they run in parallel.)
 #[test]
-#[ignore = "open bug: membership churn across a partition (see simulations/README.md)"]
 fn membership_churn_across_a_partition_converges() {
-    for seed in [2, 3, 4, 9, 10, 11] {
+    for seed in [2, 3] {
+        sim_ok("partition-heal.toml", seed, 5, &[]);
+    }
+}
+
+/// See `membership_churn_across_a_partition_converges`.
+#[test]
+fn membership_churn_across_a_partition_converges_2() {
+    for seed in [4, 9] {
+        sim_ok("partition-heal.toml", seed, 5, &[]);
+    }
+}
+
+/// See `membership_churn_across_a_partition_converges`; seed 1 with bans only.
+#[test]
+fn membership_churn_across_a_partition_converges_3() {
+    for seed in [10, 11] {
         sim_ok("partition-heal.toml", seed, 5, &[]);
     }
     sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["ban"]"#]);

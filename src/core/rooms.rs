@@ -21,6 +21,13 @@ use crate::store::{key, prefix, Batch, Tree};
 
 /// Most prev events a new local event references.
 const MAX_PREV_EVENTS: usize = 20;
+/// Soft-failed events judged again when a room's state changes (the most recent ones).
+const MAX_SOFT_FAILED_RECHECKED: usize = 64;
+/// Most soft-failed events accepted after one change of a room's state.
+const MAX_UNSOFTFAIL_PER_CHANGE: usize = 64;
+/// Most events one new event supersedes as forward extremities (its prev events, and theirs
+/// through chains of soft-failed events).
+const MAX_SUPERSEDED: usize = 1000;
 
 /// What the node keeps per room.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -437,6 +444,7 @@ impl Core {
                     soft_failed: true,
                 };
                 batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
+                batch.put(Tree::SoftFailed, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
                 continue;
             }
             // The room's current state after this event.
@@ -469,6 +477,54 @@ impl Core {
                 self.enqueue_pdu(batch, &dests, pos, id);
                 all_dests.extend(dests);
             }
+            // Servers this event lets into or out of the room as we see it (by a membership
+            // event, or by a resolution that decides a membership another way) may lack what
+            // we know: catch them up by sending them forward extremities — they pull whatever
+            // lies behind (get_missing_events).
+            // - A server entering did not get what we sent while it was out: as the origin of
+            //   our events we owe it our own extremities this event does not build on.
+            // - A server leaving may not know it is out (it left by a resolution it has not
+            //   seen, e.g. its rejoin on one side of a partition lost to the other side's join
+            //   rules): nobody sends it anything any more, so it would go on sending events
+            //   everyone soft-fails. Our extremities, this event among them, let it resolve
+            //   the same state.
+            let (entering, mut leaving) = self.servers_changing(&room_map, &new_room_map, &in_batch)?;
+            leaving.remove(pdu.sender.server_name());
+            if !entering.is_empty() || !leaving.is_empty() {
+                let superseded = self.superseded_by(&pdu.prev_events)?;
+                let dropped = |e: &EventId| {
+                    let k = key(&[room_id.as_bytes(), e.as_bytes()]);
+                    batch.ops.iter().any(|op| matches!(op, crate::store::Op::Delete(Tree::Extremities, d) if *d == k))
+                };
+                let mut after: Vec<(u64, OwnedEventId, bool)> = Vec::new();
+                for e in self.extremities(room_id)? {
+                    if e == *id || superseded.contains(&e) || dropped(&e) {
+                        continue;
+                    }
+                    if let Some(st) = self.stored_pdu(&e)? {
+                        let own = Pdu::from_json(e.clone(), &st.json)?.sender.server_name() == self.server_name();
+                        after.push((st.pos, e, own));
+                    }
+                }
+                if self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), id.as_bytes()]))?.is_none() {
+                    after.push((pos, id.clone(), pdu.sender.server_name() == self.server_name()));
+                }
+                let mut sent = false;
+                for (p, e, own) in &after {
+                    if *own && e != id && !entering.is_empty() {
+                        self.enqueue_pdu(batch, &entering, *p, e);
+                        sent = true;
+                    }
+                    if !leaving.is_empty() {
+                        self.enqueue_pdu(batch, &leaving, *p, e);
+                        sent = true;
+                    }
+                }
+                if sent {
+                    all_dests.extend(entering);
+                    all_dests.extend(leaving);
+                }
+            }
             record.state_group = new_room_sg;
             room_map = new_room_map;
             let stored = StoredPdu {
@@ -483,9 +539,18 @@ impl Core {
             };
             batch.put(Tree::Pdus, id.as_bytes().to_vec(), to_json(&stored));
             batch.put(Tree::Timeline, key(&[room_id.as_bytes(), &pos.to_be_bytes()]), id.as_bytes().to_vec());
-            for prev in &pdu.prev_events {
+            // Soft-failed events this one is (accepted again) or builds on leave the index of
+            // those to judge again: its state is part of the room's now.
+            let mut no_longer_soft_failed = vec![id.clone()];
+            for prev in self.superseded_by(&pdu.prev_events)? {
                 batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), prev.as_bytes()]));
                 batch.put(Tree::Referenced, key(&[room_id.as_bytes(), prev.as_bytes()]), Vec::new());
+                no_longer_soft_failed.push(prev);
+            }
+            for e in &no_longer_soft_failed {
+                if let Some(old) = self.stored_pdu(e)?.filter(|s| s.soft_failed) {
+                    batch.delete(Tree::SoftFailed, key(&[room_id.as_bytes(), &old.pos.to_be_bytes()]));
+                }
             }
             // An event some accepted event already builds on (we got the child first, its
             // history later) is not a forward extremity.
@@ -515,6 +580,63 @@ impl Core {
         }
         batch.put(Tree::Rooms, room_id.as_bytes().to_vec(), to_json(record));
         Ok(all_dests)
+    }
+
+    /// Servers (other than this one) with a joined member in `new` and none in `old`
+    /// (entering), and the other way round (leaving).
+    fn servers_changing(
+        &self,
+        old: &StateMap,
+        new: &StateMap,
+        in_batch: &dyn Fn(&EventId) -> Option<Pdu>,
+    ) -> Result<(BTreeSet<ruma::OwnedServerName>, BTreeSet<ruma::OwnedServerName>)> {
+        let joined = |id: &EventId| -> Result<bool> {
+            let p = match in_batch(id) {
+                Some(p) => Some(p),
+                None => self.pdu(id)?,
+            };
+            Ok(p.is_some_and(|p| p.content_value().get("membership").and_then(|m| m.as_str()) == Some("join")))
+        };
+        let members = |m: &StateMap| {
+            m.range(("m.room.member".to_owned(), String::new())..)
+                .take_while(|((t, _), _)| t == "m.room.member")
+                .filter_map(|((_, k), id)| UserId::parse(k.as_str()).ok().map(|u| (u, id.clone())))
+                .collect::<Vec<_>>()
+        };
+        if old == new {
+            return Ok((BTreeSet::new(), BTreeSet::new()));
+        }
+        let (old_members, new_members) = (members(old), members(new));
+        // Only servers with a member whose membership event changed can enter or leave.
+        let mut touched: BTreeSet<ruma::OwnedServerName> = BTreeSet::new();
+        for (u, id) in &new_members {
+            if old.get(&("m.room.member".to_owned(), u.to_string())) != Some(id) {
+                touched.insert(u.server_name().to_owned());
+            }
+        }
+        for (u, _) in &old_members {
+            if !new.contains_key(&("m.room.member".to_owned(), u.to_string())) {
+                touched.insert(u.server_name().to_owned());
+            }
+        }
+        touched.remove(self.server_name());
+        let (mut entering, mut leaving) = (BTreeSet::new(), BTreeSet::new());
+        if touched.is_empty() {
+            return Ok((entering, leaving));
+        }
+        let in_state = |ms: &[(OwnedUserId, OwnedEventId)]| -> Result<BTreeSet<ruma::OwnedServerName>> {
+            let mut out = BTreeSet::new();
+            for (u, id) in ms {
+                if touched.contains(u.server_name()) && !out.contains(u.server_name()) && joined(id)? {
+                    out.insert(u.server_name().to_owned());
+                }
+            }
+            Ok(out)
+        };
+        let (before, after) = (in_state(&old_members)?, in_state(&new_members)?);
+        entering.extend(after.difference(&before).cloned());
+        leaving.extend(before.difference(&after).cloned());
+        Ok((entering, leaving))
     }
 
     /// Record, for local users, every membership that differs between two room states.
@@ -613,7 +735,9 @@ impl Core {
         if self.is_remote_invite(&prepared.signed.pdu) {
             prepared.signed = self.exchange_invite(room_id, &ctx.record.version, prepared.signed).await?;
         }
-        self.commit_prepared(&ctx, prepared, depth).await?;
+        if self.commit_prepared(&ctx, prepared, depth).await? {
+            self.recheck_soft_failed(room_id).await?;
+        }
         Ok(id)
     }
 
@@ -672,24 +796,102 @@ impl Core {
         Ok((before, group, max_depth))
     }
 
+    /// The events an event with these prev events builds on, directly or through soft-failed
+    /// events (which never become forward extremities themselves): none of them is a forward
+    /// extremity once it is stored. Without looking through soft-failed events, the event a
+    /// soft-failed one was built on would stay an extremity for good, and its (old) state
+    /// would be resolved against the present forever after.
+    fn superseded_by(&self, prev_events: &[OwnedEventId]) -> Result<BTreeSet<OwnedEventId>> {
+        let mut out: BTreeSet<OwnedEventId> = BTreeSet::new();
+        let mut todo: Vec<OwnedEventId> = prev_events.to_vec();
+        while let Some(id) = todo.pop() {
+            if !out.insert(id.clone()) || out.len() > MAX_SUPERSEDED {
+                continue;
+            }
+            if let Some(stored) = self.stored_pdu(&id)? {
+                if stored.soft_failed {
+                    todo.extend(Pdu::from_json(id, &stored.json)?.prev_events);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Our own forward extremities, when our copy of a room we rejoin has caught up, that the
+    /// others have rejected: events we sent while the room had us out (on our side of a
+    /// partition, say, while the other side banned us), which fail the auth rules against the
+    /// state once their branch merges with the rest — as the other servers judged them on
+    /// receipt (soft failure), never to build on them. Kept, they would hold our state apart
+    /// from everyone else's for good (typically with ourselves out of the room again).
+    fn rejected_own_extremities(&self, ctx: &RoomCtx, join: &SignedPdu, after: &StateMap) -> Result<Vec<OwnedEventId>> {
+        let superseded = self.superseded_by(&join.pdu.prev_events)?;
+        let mut others: Vec<(OwnedEventId, Arc<StateMap>)> = Vec::new();
+        for e in ctx.extremities.iter().filter(|e| !superseded.contains(*e)) {
+            if let Some(st) = self.stored_pdu(e)? {
+                others.push((e.clone(), self.state_after(&st)?));
+            }
+        }
+        let join_state = Arc::new(after.clone());
+        let join_id = join.event_id.clone();
+        let join_pdu = join.pdu.clone();
+        let fetch = |id: &EventId| if *id == *join_id { Ok(Some(join_pdu.clone())) } else { self.pdu(id) };
+        let mut rejected = Vec::new();
+        for (e, _) in &others {
+            let Some(stored) = self.stored_pdu(e)? else { continue };
+            let pdu = Pdu::from_json(e.clone(), &stored.json)?;
+            if pdu.sender.server_name() != self.server_name() {
+                continue;
+            }
+            let mut forks = vec![self.state_of_group(stored.state_before)?, join_state.clone()];
+            forks.extend(others.iter().filter(|(o, _)| o != e).map(|(_, st)| st.clone()));
+            let merged = self.resolve_state_with(&ctx.rules, &forks, &fetch)?;
+            if check_state_dependent_auth_rules(&ctx.rules.authorization, &pdu, |t, k| {
+                merged.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id).ok().flatten())
+            })
+            .is_err()
+            {
+                tracing::info!(room = %ctx.room_id, event_id = %e, "an event of ours the room rejected; no longer a forward extremity");
+                rejected.push(e.clone());
+            }
+        }
+        Ok(rejected)
+    }
+
+    /// The state before `pdu` as the room will have it once `pdu`'s branch merges with ours:
+    /// the resolution of `before` (the state before `pdu`) with the states after our forward
+    /// extremities that `pdu` does not build on.
+    fn merged_state_before(&self, ctx: &RoomCtx, pdu: &Pdu, before: &Arc<StateMap>) -> Result<Arc<StateMap>> {
+        let superseded = self.superseded_by(&pdu.prev_events)?;
+        let mut forks = vec![before.clone()];
+        for e in ctx.extremities.iter().filter(|e| !superseded.contains(*e)) {
+            if let Some(st) = self.stored_pdu(e)? {
+                forks.push(self.state_after(&st)?);
+            }
+        }
+        Ok(Arc::new(self.resolve_state(&ctx.rules, &forks)?))
+    }
+
     /// The room's state once `prepared` is appended: the resolution of the states after every
     /// forward extremity (the event replaces its prev events among them).
     fn room_state_with(&self, ctx: &RoomCtx, prepared: &Prepared) -> Result<Arc<StateMap>> {
-        // An event that some accepted event already builds on (history arriving after its
-        // child, e.g. from a gap fill) does not become a forward extremity (see `stage`), so
-        // the room's state, the resolution of the extremities' states, stays what it is.
-        // Resolving its (older) state in would leave the room in a state no extremity has —
-        // one that other nodes, which got the events in order, never reach.
-        let id = &prepared.signed.event_id;
-        if self.store.get(Tree::Referenced, &key(&[ctx.room_id.as_bytes(), id.as_bytes()]))?.is_some() {
-            return Ok(ctx.state.clone());
+        let prevs = self.superseded_by(&prepared.signed.pdu.prev_events)?;
+        let mut ext_states = Vec::new();
+        // An event something in the room already builds on (it reached us after its child,
+        // whose state we got from its origin) is no forward extremity: its state is already
+        // part of its child's, and resolving it again against the present would replay
+        // conflicts settled since.
+        let referenced =
+            self.store.get(Tree::Referenced, &key(&[ctx.room_id.as_bytes(), prepared.signed.event_id.as_bytes()]))?;
+        if referenced.is_none() {
+            ext_states.push(prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone()));
         }
-        let prevs = &prepared.signed.pdu.prev_events;
-        let mut ext_states = vec![prepared.state_after.clone().unwrap_or_else(|| prepared.before.clone())];
-        for e in ctx.extremities.iter().filter(|e| !prevs.contains(e)) {
+        for e in ctx.extremities.iter().filter(|e| !prevs.contains(*e)) {
             if let Some(st) = self.stored_pdu(e)? {
                 ext_states.push(self.state_after(&st)?);
             }
+        }
+        if ext_states.is_empty() {
+            return Ok(ctx.state.clone());
         }
         let new_id = prepared.signed.event_id.clone();
         let new_pdu = prepared.signed.pdu.clone();
@@ -698,14 +900,17 @@ impl Core {
     }
 
     /// Stage and commit one prepared event of `ctx`'s room, then wake the federation sender.
-    async fn commit_prepared(&self, ctx: &RoomCtx, prepared: Prepared, max_depth_before: u64) -> Result<()> {
+    /// Returns whether the room's current state changed.
+    async fn commit_prepared(&self, ctx: &RoomCtx, prepared: Prepared, max_depth_before: u64) -> Result<bool> {
         let mut record = ctx.record.clone();
         record.max_depth = max_depth_before.max(prepared.signed.pdu.depth);
         let rules = ctx.rules.clone();
         let room_id = ctx.room_id.clone();
-        let dests = self
+        let (dests, changed) = self
             .commit(Batch::new(), |batch, pos, sg| {
-                self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
+                let dests =
+                    self.stage(batch, &room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)?;
+                Ok((dests, record.state_group != ctx.record.state_group))
             })
             .await?;
         if prepared.signed.pdu.redacts_target.is_some() {
@@ -713,6 +918,89 @@ impl Core {
             self.unread_memo.invalidate();
         }
         self.wake_sender(&dests);
+        Ok(changed)
+    }
+
+    /// Judge again the soft-failed events of `room_id` no accepted event builds on (the most
+    /// recent ones, oldest first) against the room's state as it is now — the same check as
+    /// on receipt (`store_remote_pdu`, step 6) — and accept those that pass. The caller holds
+    /// the room lock and has just changed the room's state.
+    ///
+    /// Whether an event is soft-failed depends on the state the receiving server had when it
+    /// arrived: after a partition heals, the servers of one side accept a rejoin or a message
+    /// of the other side that a server which had not yet caught up soft-failed, and for good
+    /// the servers disagree about who is in the room. Judged again once its state has caught
+    /// up, the event gets the verdict the others gave it. (Synapse does the same for sticky
+    /// events, MSC4354.) Only ever from soft-failed to accepted, so it settles.
+    async fn recheck_soft_failed(&self, room_id: &RoomId) -> Result<()> {
+        let p = prefix(&[room_id.as_bytes()]);
+        for _ in 0..MAX_UNSOFTFAIL_PER_CHANGE {
+            let mut candidates: Vec<(u64, OwnedEventId, StoredPdu)> = Vec::new();
+            for (_, v) in self.store.scan(Tree::SoftFailed, &p, None, None, true, MAX_SOFT_FAILED_RECHECKED)? {
+                let Ok(id) = EventId::parse(&*String::from_utf8_lossy(&v)) else { continue };
+                if let Some(stored) = self.stored_pdu(&id)?.filter(|s| s.soft_failed) {
+                    candidates.push((stored.pos, id, stored));
+                }
+            }
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            // Oldest first: an event before the ones that build on it.
+            candidates.sort_by_key(|(pos, _, _)| *pos);
+            let ctx = self.room_ctx(room_id)?;
+            let passes_in = |pdu: &Pdu, state: &StateMap| {
+                check_state_dependent_auth_rules(&ctx.rules.authorization, pdu, |t, k| {
+                    state.get(&(t.to_string(), k.to_owned())).and_then(|id| self.pdu(id).ok().flatten())
+                })
+                .is_ok()
+            };
+            // Events of one branch mostly share their state before (messages): one resolution.
+            type MergedKey = (u64, Vec<OwnedEventId>);
+            let mut merged_cache: std::collections::BTreeMap<MergedKey, Arc<StateMap>> = Default::default();
+            let mut passing = None;
+            for (_, id, stored) in candidates {
+                let pdu = Pdu::from_json(id.clone(), &stored.json)?;
+                let before = self.state_of_group(stored.state_before)?;
+                let passes = {
+                    let superseded = self.superseded_by(&pdu.prev_events)?;
+                    let k: MergedKey = (
+                        stored.state_before,
+                        ctx.extremities.iter().filter(|e| superseded.contains(*e)).cloned().collect(),
+                    );
+                    let merged = match merged_cache.get(&k) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = self.merged_state_before(&ctx, &pdu, &before)?;
+                            merged_cache.insert(k, m.clone());
+                            m
+                        }
+                    };
+                    passes_in(&pdu, &merged)
+                };
+                if passes {
+                    passing = Some((id, stored, pdu, before));
+                    break;
+                }
+            }
+            let Some((id, stored, pdu, before)) = passing else { return Ok(()) };
+            tracing::info!(room = %room_id, event_id = %id, "soft-failed event passes against the room's state now; accepted");
+            let state_after = match pdu.state_key {
+                Some(_) => Some(self.state_of_group(stored.state_after)?),
+                None => None,
+            };
+            let object = pdu::parse_object(&stored.json)?;
+            let mut prepared = Prepared {
+                signed: SignedPdu { event_id: id, object, pdu },
+                before,
+                before_group: BeforeGroup::Known(stored.state_before),
+                state_after,
+                room_state: None,
+                txn: None,
+                soft_failed: false,
+            };
+            prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
+            self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
+        }
         Ok(())
     }
 
@@ -745,7 +1033,9 @@ impl Core {
         ctx.extremities = old_extremities;
         prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
         let id = prepared.signed.event_id.clone();
-        self.commit_prepared(&ctx, prepared, saved_depth).await?;
+        if self.commit_prepared(&ctx, prepared, saved_depth).await? {
+            self.recheck_soft_failed(room_id).await?;
+        }
         Ok(id)
     }
 
@@ -784,13 +1074,27 @@ impl Core {
         // 6. Passes authorization rules based on the current state of the room, otherwise it
         //    is "soft failed": kept in the DAG (events that build on it must still connect),
         //    but neither shown to clients nor built upon by us.
+        //    An event of a branch our forward extremities do not build on (a partition's other
+        //    side) is checked, as Synapse checks one across a gap, against the state the room
+        //    has once the branches merge — the resolution of our extremities' states with the
+        //    state before the event — not against our side's state alone: otherwise whether
+        //    a rejoin or a message of the other side counts would depend on which server saw
+        //    which branch first, and servers would keep disagreeing about who is in the room.
         let soft_failed = match check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
             ctx.state.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
         }) {
             Ok(()) => false,
             Err(e) => {
-                tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
-                true
+                let merged = self.merged_state_before(&ctx, &signed.pdu, &before)?;
+                match check_state_dependent_auth_rules(&rules.authorization, &signed.pdu, |t, k| {
+                    merged.get(&(t.to_string(), k.to_owned())).and_then(|id| fetch(id))
+                }) {
+                    Ok(()) => false,
+                    Err(_) => {
+                        tracing::info!(event_id = %signed.event_id, reason = %e, "soft-failed PDU");
+                        true
+                    }
+                }
             }
         };
         let state_after = signed.pdu.state_key.as_ref().map(|k| {
@@ -803,7 +1107,18 @@ impl Core {
         if !soft_failed {
             prepared.room_state = Some(self.room_state_with(&ctx, &prepared)?);
         }
-        self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await?;
+        tracing::debug!(
+            event_id = %prepared.signed.event_id,
+            kind = %prepared.signed.pdu.kind,
+            depth = prepared.signed.pdu.depth,
+            soft_failed,
+            state_from_origin = matches!(prepared.before_group, BeforeGroup::New),
+            extremities = ctx.extremities.len(),
+            "storing remote PDU"
+        );
+        if self.commit_prepared(&ctx, prepared, ctx.record.max_depth).await? {
+            self.recheck_soft_failed(room_id).await?;
+        }
         Ok(if soft_failed { PduOutcome::SoftFailed } else { PduOutcome::Accepted })
     }
 
@@ -816,6 +1131,7 @@ impl Core {
         create_event: OwnedEventId,
         state: StateMap,
         join: SignedPdu,
+        stale_copy: bool,
     ) -> Result<()> {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
@@ -827,12 +1143,42 @@ impl Core {
         let before = Arc::new(state);
         let mut after = (*before).clone();
         after.insert(("m.room.member".to_owned(), join.pdu.sender.to_string()), join.event_id.clone());
-        // A room we already keep (a copy from before we left, or a concurrent join by another
-        // local user): the join is one more forward extremity, and the room's state is
-        // resolved over all of them — our copy may know events the resident did not.
-        let (mut record, room_state) = match self.room(room_id)? {
+        // A copy we kept from before this server left the room (`stale_copy`: the caller
+        // found us out of the room when the join began) is stale: nobody sends events to a
+        // server that is not in the room, so our forward extremities stopped where we left,
+        // while the room went on. `join_via` pulled the history in between, up to the join;
+        // the join is then one more forward extremity, and the room's state is resolved over
+        // all of them (branches the resident has not seen may be news to it) — all but those
+        // of our own events the room rejected (`rejected_own_extremities`). But when that
+        // did not connect our copy to the join (too long a gap, or nobody could serve it),
+        // the resident's state before our join (send_join) supersedes the copy: the join
+        // becomes the only forward extremity and its state the room's (as Dendrite does for a
+        // state-rewriting join). Resolving the old extremities against it would replay
+        // conflicts the room settled long ago — e.g. an old join rule overriding a newer one
+        // and soft-failing our own join.
+        //
+        // Not when the join already reached us through the room (the resident passed it on
+        // while its send_join answer was on its way, and other events may build on it): it is
+        // part of our copy then, which is no longer stale.
+        if matches!(self.stored_pdu(&join.event_id)?, Some(s) if !s.outlier) {
+            let user = join.pdu.sender.clone();
+            return self.commit(Batch::new(), |batch, _, _| Ok(self.forget_invite(batch, &user, room_id))).await;
+        }
+        let referenced =
+            self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), join.event_id.as_bytes()]))?.is_some();
+        let disconnected =
+            join.pdu.prev_events.iter().any(|p| !matches!(self.stored_pdu(p), Ok(Some(s)) if !s.outlier));
+        let replace = stale_copy && disconnected && !referenced;
+        let (mut record, room_state, dropped_extremities) = match self.room(room_id)? {
+            Some(mut record) if replace => {
+                record.max_depth = record.max_depth.max(join.pdu.depth);
+                (record, None, self.extremities(room_id)?)
+            }
+            // Our copy, caught up; or a concurrent join by another local user.
             Some(_) => {
-                let ctx = self.room_ctx(room_id)?;
+                let mut ctx = self.room_ctx(room_id)?;
+                let dropped = if stale_copy { self.rejected_own_extremities(&ctx, &join, &after)? } else { Vec::new() };
+                ctx.extremities.retain(|e| !dropped.contains(e));
                 let probe = Prepared {
                     signed: join.clone(),
                     before: before.clone(),
@@ -845,11 +1191,13 @@ impl Core {
                 let rs = self.room_state_with(&ctx, &probe)?;
                 let mut record = ctx.record;
                 record.max_depth = record.max_depth.max(join.pdu.depth);
-                (record, Some(rs))
+                (record, Some(rs), dropped)
             }
-            None => {
-                (RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth }, None)
-            }
+            None => (
+                RoomRecord { version: version.clone(), create_event, state_group: 0, max_depth: join.pdu.depth },
+                None,
+                Vec::new(),
+            ),
         };
         let user = join.pdu.sender.clone();
         let prepared = Prepared {
@@ -864,11 +1212,15 @@ impl Core {
         let dests = self
             .commit(Batch::new(), |batch, pos, sg| {
                 self.forget_invite(batch, &user, room_id);
+                for e in &dropped_extremities {
+                    batch.delete(Tree::Extremities, key(&[room_id.as_bytes(), e.as_bytes()]));
+                }
                 self.stage(batch, room_id, &rules, &mut record, std::slice::from_ref(&prepared), pos, sg)
             })
             .await?;
+        tracing::debug!(room = %room_id, stale_copy, dropped = dropped_extremities.len(), "adopted the room");
         self.wake_sender(&dests);
-        Ok(())
+        self.recheck_soft_failed(room_id).await
     }
 
     /// Up to `limit` events of `room_id`'s timeline after stream position `after`, oldest first,

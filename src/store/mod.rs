@@ -67,6 +67,10 @@ pub enum Tree {
     /// `prev_events` — they can never (again) be forward extremities, even if they are stored
     /// after that child (history filled in later).
     Referenced,
+    /// `room_id 0xff stream_pos(be u64) → event_id`: soft-failed events no accepted event
+    /// builds on yet; the newest are judged again when the room's state changes (see
+    /// `Core::recheck_soft_failed`).
+    SoftFailed,
     /// `user_id 0xff room_id → Membership` (the user's own view of their rooms).
     UserRooms,
     /// `user_id 0xff room_id-or-empty 0xff type → AccountData`.
@@ -156,6 +160,7 @@ impl Tree {
             Tree::StateGroups => 10,
             Tree::Extremities => 11,
             Tree::Referenced => 19,
+            Tree::SoftFailed => 18,
             Tree::UserRooms => 12,
             Tree::AccountData => 13,
             Tree::Filters => 14,

@@ -362,6 +362,13 @@ impl Core {
     }
 
     async fn join_via(self: &Arc<Self>, user: &UserId, room: &RoomId, server: &ServerName) -> Result<OwnedRoomId> {
+        // Whether we keep a copy of the room from before we left it, which the join is to
+        // replace (see `adopt_room`): decided now, before catching up on it changes its state;
+        // not while another local user's join of the room is under way (theirs may land
+        // first, and ours must then join it rather than replace it).
+        let stale_copy = self.room(room)?.is_some()
+            && !self.servers_in_room(room)?.contains(self.server_name())
+            && self.joining.lock().unwrap_or_else(|e| e.into_inner()).get(room).copied() == Some(1);
         let mut req = prepare_join_event::v1::Request::new(room.to_owned(), user.to_owned());
         req.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
         let res = self.federation_request(server, req).await?;
@@ -440,7 +447,7 @@ impl Core {
                 }
             }
         }
-        self.adopt_room(room, &version, create, state, join).await?;
+        self.adopt_room(room, &version, create, state, join, stale_copy).await?;
         Ok(room.to_owned())
     }
 }

@@ -8,6 +8,7 @@
 //! - `sender.rs`: the durable per-destination queue and transaction sender (backoff in seconds).
 //! - `receive.rs`: the checks performed on receipt of a PDU, in the spec's order.
 //! - `join.rs`: joining and inviting across servers (make_join / send_join v2, invite v2).
+//! - `merge.rs`: merging forks of a quiet room with a dummy event.
 //! - `edu.rs`: EDUs in transactions (typing, receipts, device lists, to-device), both ways.
 //! - `keys.rs`: end-to-end encryption keys across servers (cached remote device lists,
 //!   `user/devices`, `user/keys/query`, `user/keys/claim`).
@@ -18,6 +19,7 @@ pub mod edu;
 pub mod join;
 pub mod keys;
 pub mod media;
+pub mod merge;
 pub mod query;
 pub mod receive;
 pub mod sender;

@@ -1,10 +1,13 @@
 //! Receiving PDUs from other servers: the spec's "checks performed on receipt of a PDU", in
 //! order, with the step numbers of the server-server spec as comments.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use ruma::{
-    api::federation::event::{get_event, get_missing_events, get_room_state_ids},
+    api::federation::event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
     canonical_json::CanonicalJsonObject,
     room_version_rules::RoomVersionRules,
     signatures::{required_server_signatures_to_verify_event, verify_event, Verified},
@@ -35,8 +38,15 @@ pub enum PduOutcome {
 
 /// How far to look for missing history with `get_missing_events`.
 const MISSING_EVENTS_LIMIT: u32 = 100;
-/// Most events fetched one by one to fill a gap (`state_ids` fallback).
+/// Most events fetched to fill a gap (over every round and server), or one by one for the
+/// `state_ids` fallback.
 const MAX_FETCH_EVENTS: usize = 500;
+/// `get_missing_events` requests to one server for one gap.
+const MAX_GAP_ROUNDS: usize = 5;
+/// Servers besides the origin asked to fill a gap.
+const MAX_GAP_HELPERS: usize = 3;
+/// Missing events fetched one by one from a server that does not hold what needs them.
+const MAX_GAP_DIRECT: usize = 10;
 
 fn reject(msg: impl Into<String>) -> PduOutcome {
     PduOutcome::Rejected(msg.into())
@@ -274,20 +284,19 @@ impl Core {
                 return Ok((id, PduOutcome::Duplicate));
             }
         }
-        // A prev event we lack that is also an auth event (a join built on its invite, which a
-        // lagging inviter has not delivered yet) is fetched with the gap first: fetched as an
-        // auth event it would be stored as an outlier, which gap filling leaves alone, and the
-        // event would be checked against a current state without it (soft-failed for good).
-        let mut gap_filled = false;
-        let prev_is_auth = |p: &OwnedEventId| signed.pdu.auth_events.contains(p);
-        if fetch && signed.pdu.prev_events.iter().any(|p| prev_is_auth(p) && matches!(self.stored_pdu(p), Ok(None))) {
+        // Missing prev events: ask the origin for the gap (get_missing_events) first — the
+        // event's auth events are usually in it, and so become part of the DAG rather than
+        // outliers the gap could then not be connected through.
+        let mut missing: Vec<OwnedEventId> =
+            signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
+        if !missing.is_empty() && fetch {
             self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
-            gap_filled = true;
+            missing.retain(|p| self.is_missing(p));
         }
         // 4. Passes authorization rules based on the event's auth events, otherwise it is
         //    rejected. (Missing auth events are fetched and checked first.)
         if fetch {
-            self.fetch_missing_auth_events(origin, &rules, &signed.pdu).await?;
+            self.fetch_missing_auth_events(origin, room, &rules, &signed.pdu).await?;
         }
         if let Err(e) = check_state_independent_auth_rules(&rules.authorization, &signed.pdu, |id: &EventId| {
             self.pdu(id).ok().flatten()
@@ -302,14 +311,8 @@ impl Core {
         }) {
             return Ok((id, reject(format!("auth events: {e}"))));
         }
-        // Missing prev events: ask the origin for the gap (get_missing_events), and failing that
-        // for the state at the event (state_ids).
-        let mut missing: Vec<OwnedEventId> =
-            signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
-        if !missing.is_empty() && fetch && !gap_filled {
-            self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
-            missing.retain(|p| self.is_missing(p));
-        }
+        // Prev events the gap did not connect: ask the origin for the state at the event
+        // (state_ids).
         let before_override = if missing.is_empty() {
             None
         } else if fetch {
@@ -346,6 +349,7 @@ impl Core {
     async fn fetch_missing_auth_events(
         self: &Arc<Self>,
         origin: &ServerName,
+        room: &RoomId,
         rules: &RoomVersionRules,
         pdu: &Pdu,
     ) -> Result<()> {
@@ -359,12 +363,51 @@ impl Core {
             if fetched.iter().any(|f| f.event_id == id) || !matches!(self.stored_pdu(&id), Ok(None)) {
                 continue;
             }
-            let Some(s) = self.fetch_event(origin, rules, &id).await? else { continue };
+            let s = match self.fetch_event(origin, rules, &id).await {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                // `origin` will not show us that event on its own — we are not in the room —
+                // but it sent us `pdu` (a membership event about one of our users): the state
+                // at `pdu` with its auth chain holds every auth event of `pdu`.
+                Err(Error::Forbidden(_)) => {
+                    fetched = self.fetch_state_events(origin, room, rules, &pdu.event_id).await?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             todo.extend(s.pdu.auth_events.iter().filter(|a| matches!(self.stored_pdu(a), Ok(None))).cloned());
             fetched.push(s);
         }
         fetched.sort_by_key(|s| s.pdu.depth);
         self.store_outliers(rules, fetched).await
+    }
+
+    /// The state before `at` and its auth chain, as full events (`/state`), verified; only
+    /// the ones we do not hold at all. For a server that may not fetch those events one by one
+    /// (`/event`): `origin` grants the state at a membership event about one of our users.
+    async fn fetch_state_events(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        rules: &RoomVersionRules,
+        at: &EventId,
+    ) -> Result<Vec<SignedPdu>> {
+        let res =
+            self.federation_request(origin, get_room_state::v1::Request::new(at.to_owned(), room.to_owned())).await?;
+        let mut out: Vec<SignedPdu> = Vec::new();
+        for raw in res.auth_chain.iter().chain(res.pdus.iter()) {
+            match self.verify_pdu(rules, raw) {
+                Ok(s) if s.pdu.room == room => {
+                    if matches!(self.stored_pdu(&s.event_id), Ok(None)) && !out.iter().any(|o| o.event_id == s.event_id)
+                    {
+                        out.push(s);
+                    }
+                }
+                Ok(_) => {}
+                Err(why) => tracing::info!(%origin, reason = %why, "invalid event in a state answer"),
+            }
+        }
+        Ok(out)
     }
 
     /// One event from `origin`, verified (steps 1–3).
@@ -420,17 +463,13 @@ impl Core {
         self.commit(crate::store::Batch::new(), |_, _, _| Ok(())).await
     }
 
-    /// Ask `origin` for the events between our forward extremities and `pdu`, and process them
-    /// oldest first (without fetching further).
-    ///
-    /// One answer carries at most [`MISSING_EVENTS_LIMIT`] events, newest first: after a long
-    /// partition the oldest of them still lack their own prev events, and processed alone every
-    /// one of them would be rejected. So the gap is followed back — the next request starts
-    /// from the events whose prev events are still unknown — until it connects, nothing new
-    /// comes, or [`MAX_FETCH_EVENTS`] events are held. Prev events we hold as outliers end the
-    /// walk there, and nothing deeper than the start of our timeline is asked for (history from
-    /// before we joined cannot connect). Fails (after processing what did come) when the
-    /// origin could not be reached.
+    /// Fetch the events `pdu` builds on that are not in our DAG, walking back until they
+    /// connect to events we hold, and process them oldest first (each must connect; none
+    /// fetches further). `origin` is asked first (`get_missing_events` between our forward
+    /// extremities and `pdu`, then again before the oldest events it gave while some of those
+    /// still lack their prev events: one answer carries at most 100). When it cannot close the
+    /// gap — a server that joined recently holds the room's state, not its history — the
+    /// other servers in the room are asked for what is still missing.
     pub(crate) async fn fetch_missing_prev_events(
         self: &Arc<Self>,
         origin: &ServerName,
@@ -439,67 +478,151 @@ impl Core {
         pdu: &Pdu,
     ) -> Result<()> {
         let earliest = self.extremities(room)?;
-        // Nothing older than the start of our timeline (our join): what lies before it we hold
-        // as outliers, or not at all, and could not connect anyway.
-        let first = self.timeline_after(room, 0, 1)?.into_iter().next().map(|(_, id)| id);
-        let min_depth = first.and_then(|id| self.pdu(&id).ok().flatten()).map_or(0, |p| p.depth);
+        // No event below the oldest of our DAG can connect to it (an event is deeper than
+        // every event it builds on): the history from before we joined is not walked.
+        let min_depth = self.dag_min_depth(room)?;
         let mut got: BTreeMap<OwnedEventId, SignedPdu> = BTreeMap::new();
-        let mut latest = vec![pdu.event_id.clone()];
         let mut unreachable = None;
-        while !latest.is_empty() && got.len() < MAX_FETCH_EVENTS {
-            let mut req = get_missing_events::v1::Request::new(room.to_owned(), earliest.clone(), latest);
-            req.limit = UInt::from(MISSING_EVENTS_LIMIT);
-            req.min_depth = UInt::try_from(min_depth).unwrap_or_default();
-            let res = match self.federation_request(origin, req).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::info!(%origin, %room, error = %e, "get_missing_events failed");
-                    if super::is_transient(&e) {
-                        unreachable = Some(e);
-                    }
-                    break;
-                }
-            };
-            let before = got.len();
-            for s in res.events.iter().filter_map(|raw| self.verify_pdu(rules, raw).ok()) {
-                // Only what we do not hold at all: events we keep as outliers (typically the
-                // history from before we joined, from send_join) stay outliers — pulling them
-                // into the DAG would graft that old history on as new forward extremities.
-                if s.pdu.room == room && matches!(self.stored_pdu(&s.event_id), Ok(None)) {
-                    got.insert(s.event_id.clone(), s);
-                }
-            }
-            if got.len() == before {
-                break;
-            }
-            // The next answer starts where this one stopped: at events of the gap whose prev
-            // events we neither hold nor got (at most 20, as a request's `latest_events`).
-            latest = got
-                .values()
-                .filter(|s| {
-                    s.pdu.prev_events.iter().any(|p| !got.contains_key(p) && matches!(self.stored_pdu(p), Ok(None)))
-                })
-                .map(|s| s.event_id.clone())
-                .take(20)
-                .collect();
+        let mut servers = vec![origin.to_owned()];
+        if let Ok(in_room) = self.servers_in_room(room) {
+            servers
+                .extend(in_room.into_iter().filter(|s| s != origin && s != self.server_name()).take(MAX_GAP_HELPERS));
         }
-        let mut events: Vec<SignedPdu> = got.into_values().collect();
+        'servers: for server in &servers {
+            for _round in 0..MAX_GAP_ROUNDS {
+                let want = self.gap_wanted(room, pdu, &got, min_depth)?;
+                if want.is_empty() {
+                    break 'servers;
+                }
+                if got.len() >= MAX_FETCH_EVENTS {
+                    tracing::info!(%room, event_id = %pdu.event_id, "gap too long to fill");
+                    break 'servers;
+                }
+                // Ask for what lies before the events that need the missing ones.
+                let tips: Vec<OwnedEventId> = std::iter::once(pdu)
+                    .chain(got.values().map(|s| &s.pdu))
+                    .filter(|e| e.prev_events.iter().any(|p| want.contains(p)))
+                    .map(|e| e.event_id.clone())
+                    .collect();
+                let mut req = get_missing_events::v1::Request::new(room.to_owned(), earliest.clone(), tips);
+                req.limit = UInt::from(MISSING_EVENTS_LIMIT);
+                req.min_depth = UInt::new(min_depth).unwrap_or_default();
+                let res = match self.federation_request(server, req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::info!(%server, %room, error = %e, "get_missing_events failed");
+                        if server == origin && super::is_transient(&e) {
+                            unreachable = Some(e);
+                        }
+                        continue 'servers;
+                    }
+                };
+                let before = got.len();
+                for raw in &res.events {
+                    if let Ok(s) = self.verify_pdu(rules, raw) {
+                        if s.pdu.room == room && !got.contains_key(&s.event_id) && self.in_gap(room, &s.event_id)? {
+                            got.insert(s.event_id.clone(), s);
+                        }
+                    }
+                }
+                if got.len() == before {
+                    // It does not hold the events we asked about (they reached us from
+                    // elsewhere): ask it for the missing events themselves.
+                    for id in want.iter().take(MAX_GAP_DIRECT) {
+                        if let Ok(Some(s)) = self.fetch_event(server, rules, id).await {
+                            got.insert(s.event_id.clone(), s);
+                        }
+                    }
+                    if got.len() == before {
+                        continue 'servers;
+                    }
+                }
+            }
+        }
+        // Only what `pdu` builds on (an answer may carry other branches of the history).
+        let reached = self.gap_reached(pdu, &got);
+        let mut events: Vec<SignedPdu> = got.into_values().filter(|s| reached.contains(&s.event_id)).collect();
         events.sort_by_key(|s| s.pdu.depth);
         for s in events {
             let raw =
                 RawValue::from_string(serde_json::to_string(&s.object).map_err(|e| Error::Internal(e.to_string()))?)
                     .map_err(|e| Error::Internal(e.to_string()))?;
-            // Each missing event must itself connect to what we have; deeper gaps go through
-            // the state_ids fallback when the event that needed them is handled.
+            // Each missing event must itself connect to what we have; what does not goes
+            // through the state_ids fallback when the event that needed it is handled.
             let fut = Box::pin(self.handle_incoming_pdu(origin, room, &raw, false));
             if let Ok((id, PduOutcome::Rejected(why))) = fut.await {
                 tracing::info!(%origin, event_id = %id, reason = %why, "missing event rejected");
             }
         }
-        // The origin did not answer: the caller must not go on as if the gap could not be
-        // filled (state_ids, then a soft-fail against a current state that lacks the gap would
-        // be for good); a transaction is retried instead.
-        unreachable.map_or(Ok(()), Err)
+        // The origin did not answer and the gap is still open (others may not hold it: their
+        // silence proves nothing): the caller must not go on as if it could not be filled (state_ids, then a soft-fail against a current state
+        // that lacks the gap would be for good); a transaction is retried instead.
+        match unreachable {
+            Some(e) if pdu.prev_events.iter().any(|p| self.is_missing(p)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `id` belongs in a gap of our DAG: not in it, and not history it already builds
+    /// on (an event our DAG references but does not hold — the history before our join, whose
+    /// state the join's brought along — is left alone: grafting it in would set old events
+    /// against the present).
+    fn in_gap(&self, room: &RoomId, id: &EventId) -> Result<bool> {
+        Ok(self.is_missing(id)
+            && self
+                .store
+                .get(crate::store::Tree::Referenced, &crate::store::key(&[room.as_bytes(), id.as_bytes()]))?
+                .is_none())
+    }
+
+    /// The fetched events `pdu` builds on through fetched events.
+    fn gap_reached(&self, pdu: &Pdu, got: &BTreeMap<OwnedEventId, SignedPdu>) -> BTreeSet<OwnedEventId> {
+        let mut reached = BTreeSet::new();
+        let mut todo: Vec<&OwnedEventId> = pdu.prev_events.iter().collect();
+        while let Some(id) = todo.pop() {
+            if let Some(s) = got.get(id) {
+                if reached.insert(id.clone()) {
+                    todo.extend(s.pdu.prev_events.iter());
+                }
+            }
+        }
+        reached
+    }
+
+    /// The events a gap fill for `pdu` still needs: prev events of `pdu` or of the fetched
+    /// events it builds on that are in the gap (see [`Core::in_gap`]), not fetched yet, and
+    /// could connect to our DAG.
+    fn gap_wanted(
+        &self,
+        room: &RoomId,
+        pdu: &Pdu,
+        got: &BTreeMap<OwnedEventId, SignedPdu>,
+        min_depth: u64,
+    ) -> Result<BTreeSet<OwnedEventId>> {
+        let reached = self.gap_reached(pdu, got);
+        let mut want = BTreeSet::new();
+        let events = std::iter::once(pdu).chain(got.values().filter(|s| reached.contains(&s.event_id)).map(|s| &s.pdu));
+        // The prev events of an event at `min_depth` or above it by one are at most at
+        // `min_depth`: in our DAG already, or never connecting to it.
+        for e in events.filter(|e| e.depth > min_depth.saturating_add(1) || e.event_id == pdu.event_id) {
+            for p in &e.prev_events {
+                if !got.contains_key(p) && self.in_gap(room, p)? {
+                    want.insert(p.clone());
+                }
+            }
+        }
+        Ok(want)
+    }
+
+    /// Depth of the oldest event of our DAG of `room` (the first one this node stored: the
+    /// create event, or its join).
+    fn dag_min_depth(&self, room: &RoomId) -> Result<u64> {
+        let p = crate::store::prefix(&[room.as_bytes()]);
+        let first = self.store.scan(crate::store::Tree::Timeline, &p, None, None, false, 1)?;
+        Ok(match first.first().and_then(|(_, v)| EventId::parse(&*String::from_utf8_lossy(v)).ok()) {
+            Some(id) => self.pdu(&id)?.map_or(0, |p| p.depth),
+            None => 0,
+        })
     }
 
     /// The state before event `id` according to `origin` (`state_ids`), with every event in it
@@ -519,8 +642,15 @@ impl Core {
         want.truncate(MAX_FETCH_EVENTS);
         let mut fetched = Vec::new();
         for e in want {
-            if let Some(s) = self.fetch_event(origin, rules, &e).await? {
-                fetched.push(s);
+            match self.fetch_event(origin, rules, &e).await {
+                Ok(Some(s)) => fetched.push(s),
+                Ok(None) => {}
+                // Not ours to fetch one by one (see `fetch_missing_auth_events`): all at once.
+                Err(Error::Forbidden(_)) => {
+                    fetched = self.fetch_state_events(origin, room, rules, id).await?;
+                    break;
+                }
+                Err(e) => return Err(e),
             }
         }
         fetched.sort_by_key(|s| s.pdu.depth);

@@ -125,9 +125,18 @@ impl Core {
             Ok(ds) => self.wake_sender(&ds.into_iter().collect()),
             Err(e) => tracing::error!(error = %e, "cannot read the federation queue"),
         }
+        // Merging forks (merge.rs) is the sender's too: it exists so that other servers
+        // converge.
+        let mut next_merge = self.now_ms() + super::merge::MERGE_CHECK_MS;
         loop {
+            if self.now_ms() >= next_merge {
+                if let Err(e) = self.merge_forward_extremities().await {
+                    tracing::debug!(error = %e, "merging forward extremities failed");
+                }
+                next_merge = self.now_ms() + super::merge::MERGE_CHECK_MS;
+            }
             let now = self.now_ms();
-            let mut next_wake: Option<u64> = None;
+            let mut next_wake: Option<u64> = Some(next_merge);
             let ready: Vec<OwnedServerName> = self.sender.with(|m| {
                 let mut r = Vec::new();
                 for (d, st) in m.iter_mut() {
@@ -145,7 +154,8 @@ impl Core {
             });
             for dest in ready {
                 let core = self.clone();
-                tokio::spawn(async move { core.deliver(dest).await });
+                // In the caller's span (the simulator names the node that way).
+                tokio::spawn(tracing::Instrument::in_current_span(async move { core.deliver(dest).await }));
             }
             let sleep = next_wake.map(|w| Duration::from_millis(w.saturating_sub(self.now_ms()).max(10)));
             // `biased`: poll in a fixed order, so a simulation replays the same from its seed.
