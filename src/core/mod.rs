@@ -399,8 +399,11 @@ impl Core {
             if next.state_group != c.state_group {
                 batch.put(Tree::Meta, META_STATE_GROUP.to_vec(), next.state_group.to_be_bytes().to_vec());
             }
+            // Rooms that got a new forward extremity: candidates for merging forks (merge.rs).
+            let forks = federation::merge::rooms_with_new_extremities(&batch);
             self.apply_batch(batch)?;
             *c = next;
+            self.sender.note_merge_candidates(forks);
             // Destinations whose durable EDU queue this batch (or an earlier failed one) wrote to.
             let wake = self.fed.take_staged_wakes();
             (out, self.commit.wrote(), next.stream_pos, wake)

@@ -45,12 +45,37 @@ pub struct DestState {
 #[derive(Default)]
 pub struct SenderState {
     dests: StdMutex<BTreeMap<OwnedServerName, DestState>>,
+    /// Rooms that may have several forward extremities (merge.rs looks only at these; `None`
+    /// until the sender has started, which then looks at every room once).
+    merge_candidates: StdMutex<Option<BTreeSet<ruma::OwnedRoomId>>>,
     wake: tokio::sync::Notify,
 }
 
 impl SenderState {
     fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<OwnedServerName, DestState>) -> T) -> T {
         f(&mut self.dests.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `rooms` got a new forward extremity: the sender looks at them for forks.
+    pub(crate) fn note_merge_candidates(&self, rooms: BTreeSet<ruma::OwnedRoomId>) {
+        if rooms.is_empty() {
+            return;
+        }
+        let mut c = self.merge_candidates.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = c.as_mut() {
+            let before = set.len();
+            set.extend(rooms);
+            if set.len() != before {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// The rooms noted since the last call (and from now on, note them: until the first call
+    /// nothing is tracked, the sender then looks at every room).
+    pub(crate) fn take_merge_candidates(&self) -> BTreeSet<ruma::OwnedRoomId> {
+        let mut c = self.merge_candidates.lock().unwrap_or_else(|e| e.into_inner());
+        c.replace(BTreeSet::new()).unwrap_or_default()
     }
 }
 
@@ -126,17 +151,28 @@ impl Core {
             Err(e) => tracing::error!(error = %e, "cannot read the federation queue"),
         }
         // Merging forks (merge.rs) is the sender's too: it exists so that other servers
-        // converge.
-        let mut next_merge = self.now_ms() + super::merge::MERGE_CHECK_MS;
+        // converge. It looks at rooms that got a new forward extremity since (every room once
+        // at start), and wakes again only when a forked room will have been quiet long enough:
+        // an idle node without forks never wakes for it.
+        let mut forked: BTreeSet<ruma::OwnedRoomId> = BTreeSet::new();
+        let mut next_merge: Option<u64> = None;
+        let mut first = true;
         loop {
-            if self.now_ms() >= next_merge {
-                if let Err(e) = self.merge_forward_extremities().await {
-                    tracing::debug!(error = %e, "merging forward extremities failed");
+            let fresh = self.sender.take_merge_candidates();
+            if first || !fresh.is_empty() || next_merge.is_some_and(|t| self.now_ms() >= t) {
+                let mut rooms = fresh;
+                if first {
+                    first = false;
+                    match self.all_room_ids() {
+                        Ok(all) => rooms.extend(all),
+                        Err(e) => tracing::error!(error = %e, "cannot list rooms"),
+                    }
                 }
-                next_merge = self.now_ms() + super::merge::MERGE_CHECK_MS;
+                rooms.append(&mut forked);
+                (forked, next_merge) = self.merge_forward_extremities(rooms).await;
             }
             let now = self.now_ms();
-            let mut next_wake: Option<u64> = Some(next_merge);
+            let mut next_wake: Option<u64> = next_merge;
             let ready: Vec<OwnedServerName> = self.sender.with(|m| {
                 let mut r = Vec::new();
                 for (d, st) in m.iter_mut() {
