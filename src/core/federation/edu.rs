@@ -151,6 +151,8 @@ pub struct FedState {
     retry: StdMutex<BTreeMap<OwnedServerName, OutTxn>>,
     txn_seq: AtomicU64,
     remote_user_locks: StdMutex<BTreeMap<OwnedUserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per origin: its transactions are processed one at a time, in arrival order.
+    origin_locks: StdMutex<BTreeMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
     /// Remote media downloads in progress.
     pub(crate) media_fetches: tokio::sync::Semaphore,
 }
@@ -164,6 +166,7 @@ impl Default for FedState {
             retry: Default::default(),
             txn_seq: AtomicU64::new(0),
             remote_user_locks: Default::default(),
+            origin_locks: Default::default(),
             media_fetches: tokio::sync::Semaphore::new(REMOTE_MEDIA_FETCHES_MAX),
         }
     }
@@ -232,6 +235,15 @@ impl FedState {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
         locks.entry(user.to_owned()).or_default().clone()
+    }
+
+    /// The lock serialising the transactions of `origin` (see `receive_transaction`).
+    pub(crate) fn origin_lock(&self, origin: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.origin_locks);
+        if locks.len() > 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(origin.to_owned()).or_default().clone()
     }
 }
 
@@ -444,15 +456,27 @@ impl Core {
     /// Build the next transaction for `dest` from its queues: up to 50 PDUs, up to 100 EDUs
     /// (durable ones first).
     pub(crate) fn build_transaction(&self, dest: &ServerName) -> Result<OutTxn> {
+        self.build_transaction_after(dest, None)
+    }
+
+    /// A transaction for `dest`. With `after` (the last queue key of a transaction still on its
+    /// way), only the PDUs queued after it, and no EDUs: a second transaction in flight.
+    pub(crate) fn build_transaction_after(&self, dest: &ServerName, after: Option<&[u8]>) -> Result<OutTxn> {
         let mut txn = OutTxn { id: self.fed.next_txn_id(self.started_ms()), ..Default::default() };
         let max_pdus = super::sender::MAX_PDUS_PER_TXN;
-        let entries = self.store.scan_prefix(Tree::FedQueue, &prefix(&[dest.as_bytes()]), max_pdus)?;
+        let from = after.map(|k| [k, &[0u8][..]].concat());
+        let entries =
+            self.store.scan(Tree::FedQueue, &prefix(&[dest.as_bytes()]), from.as_deref(), None, false, max_pdus)?;
         for (k, v) in entries {
             let id = EventId::parse(&*String::from_utf8_lossy(&v)).map_err(|e| Error::Internal(e.to_string()))?;
             if let Some(stored) = self.stored_pdu(&id)? {
                 txn.pdus.push(RawValue::from_string(stored.json).map_err(|e| Error::Internal(e.to_string()))?);
             }
             txn.pdu_keys.push(k);
+        }
+        if after.is_some() {
+            txn.full = txn.pdu_keys.len() == max_pdus;
+            return Ok(txn);
         }
         let durable = self.store.scan_prefix(Tree::FedEduQueue, &prefix(&[dest.as_bytes()]), MAX_EDUS_PER_TXN)?;
         if durable.is_empty() {

@@ -144,14 +144,20 @@ impl Core {
         if edus.len() > super::edu::MAX_EDUS_PER_TXN {
             return Err(Error::TooLarge("a transaction carries at most 100 EDUs".into()));
         }
-        if self.last_txn(origin)?.as_deref() == Some(txn_id) {
-            return Ok(BTreeMap::new());
-        }
+        // One origin's transactions one at a time, in arrival order (it may have two on their
+        // way, see `Core::drain_queue`: a later one builds on the earlier one's PDUs). The lock
+        // is released before the flush, so the next one is processed while this one is made
+        // durable; each is answered only after its flush.
+        let origin_lock = self.fed.origin_lock(origin);
         // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
         let began_ms = self.now_ms();
         let n = pdus.len();
         let results = self
             .with_deferred_flush(async {
+                let _serial = origin_lock.lock().await;
+                if self.last_txn(origin)?.as_deref() == Some(txn_id) {
+                    return Ok(BTreeMap::new());
+                }
                 let results = self.receive_pdus(origin, pdus).await?;
                 self.receive_edus(origin, edus).await?;
                 self.set_last_txn(origin, txn_id).await.map(|()| results)

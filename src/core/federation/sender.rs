@@ -6,7 +6,7 @@
 //! that (re)connects resets its backoff and is flushed at once ([`Core::peer_up`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     sync::{Arc, Mutex as StdMutex},
     time::Duration,
 };
@@ -16,11 +16,16 @@ use ruma::{
     OwnedTransactionId, ServerName, UInt,
 };
 
-use super::super::{Core, Result};
+use super::{
+    super::{Core, Result},
+    edu::OutTxn,
+};
 use crate::store::{key, prefix, Batch, Tree};
 
 /// Most PDUs in one transaction (spec limit).
 pub const MAX_PDUS_PER_TXN: usize = 50;
+/// Transactions on their way to one destination at once (see `Core::drain_queue`).
+pub const PIPELINED_TXNS: usize = 2;
 /// First retry delay after a failure.
 pub const BACKOFF_MS_MIN: u64 = 1_000;
 /// Longest retry delay.
@@ -209,18 +214,7 @@ impl Core {
         // Removing delivered PDUs from the queue need not be durable before the next
         // transaction (after a crash they are sent again, and peers ignore duplicates): one
         // flush when the queue is drained or delivery fails.
-        let result = self
-            .with_deferred_flush(async {
-                loop {
-                    match self.send_one_transaction(&dest).await {
-                        Ok(true) => continue,
-                        Ok(false) => break Ok(()),
-                        Err(e) => break Err(e),
-                    }
-                }
-            })
-            .await
-            .and_then(|r| r);
+        let result = self.with_deferred_flush(self.clone().drain_queue(dest.clone())).await.and_then(|r| r);
         let now = self.now_ms();
         self.sender.with(|m| {
             let st = m.entry(dest.clone()).or_default();
@@ -246,20 +240,65 @@ impl Core {
         self.sender.wake.notify_one();
     }
 
-    /// One transaction (PDUs and EDUs, see `edu.rs`). Returns whether more may be queued. A
-    /// failed transaction is kept and sent again unchanged next time.
-    async fn send_one_transaction(&self, dest: &ServerName) -> Result<bool> {
-        // Mark the queue as drained before reading it: an enqueue racing with us sets it again.
-        self.sender.with(|m| m.entry(dest.to_owned()).or_default().pending = false);
-        let (txn, retried) = match self.fed.take_retry(dest) {
-            Some(t) => (t, true),
-            None => (self.build_transaction(dest)?, false),
-        };
-        if txn.is_empty() {
-            // Nothing left to send (e.g. PDUs that are gone): just drop the queue entries.
-            self.transaction_done(dest, &txn).await?;
-            return Ok(!txn.pdu_keys.is_empty() || !txn.edu_keys.is_empty());
+    /// Send transactions to `dest` until nothing is left, keeping up to [`PIPELINED_TXNS`] on
+    /// their way: while the peer processes one, the next is built and sent, so neither side
+    /// waits for the other (a long queue — a peer back after an hour — drains at the speed of
+    /// the slower side). The peer processes one origin's transactions one at a time, in the
+    /// order they arrive; if a later one overtakes, its gap is filled from us as any gap is.
+    /// A failed transaction is kept and sent again unchanged next time; those behind it are
+    /// dropped (their PDUs stay queued).
+    async fn drain_queue(self: Arc<Self>, dest: OwnedServerName) -> Result<()> {
+        let mut in_flight: VecDeque<(OutTxn, tokio::task::JoinHandle<Result<()>>)> = VecDeque::new();
+        let mut more = true;
+        loop {
+            while more && in_flight.len() < PIPELINED_TXNS {
+                let (txn, retried) = match in_flight.back() {
+                    None => {
+                        // Mark the queue as drained before reading it: an enqueue racing with
+                        // us sets it again.
+                        self.sender.with(|m| m.entry(dest.clone()).or_default().pending = false);
+                        match self.fed.take_retry(&dest) {
+                            Some(t) => (t, true),
+                            None => (self.build_transaction(&dest)?, false),
+                        }
+                    }
+                    // Only PDUs queued after those on their way.
+                    Some((ahead, _)) => match ahead.pdu_keys.last() {
+                        Some(last) => (self.build_transaction_after(&dest, Some(last))?, false),
+                        None => break,
+                    },
+                };
+                more = retried || txn.full || self.fed.has_ephemeral(&dest);
+                if txn.is_empty() {
+                    // Nothing left to send (e.g. PDUs that are gone): just drop the entries.
+                    self.transaction_done(&dest, &txn).await?;
+                    more |= in_flight.is_empty() && (!txn.pdu_keys.is_empty() || !txn.edu_keys.is_empty());
+                    if in_flight.is_empty() {
+                        continue;
+                    }
+                    break;
+                }
+                let core = self.clone();
+                let (d, t) = (dest.clone(), txn.clone());
+                let send = async move { core.post_transaction(&d, &t).await };
+                // In the caller's span (the simulator names the node that way).
+                in_flight.push_back((txn, tokio::spawn(tracing::Instrument::in_current_span(send))));
+            }
+            let Some((txn, handle)) = in_flight.pop_front() else { return Ok(()) };
+            let outcome = handle.await.unwrap_or_else(|e| Err(crate::core::Error::Internal(e.to_string())));
+            if let Err(e) = outcome {
+                for (_, h) in in_flight.drain(..) {
+                    h.abort();
+                }
+                self.fed.keep_retry(&dest, txn);
+                return Err(e);
+            }
+            self.transaction_done(&dest, &txn).await?;
         }
+    }
+
+    /// Post one transaction to `dest`; Ok once the peer acknowledged it.
+    async fn post_transaction(&self, dest: &ServerName, txn: &OutTxn) -> Result<()> {
         let ts = MilliSecondsSinceUnixEpoch(UInt::new(self.now_ms()).unwrap_or_default());
         let mut req = send_transaction_message::v1::Request::new(
             OwnedTransactionId::from(txn.id.clone()),
@@ -268,20 +307,13 @@ impl Core {
         );
         req.pdus = txn.pdus.clone();
         req.edus = txn.edus.clone();
-        let res = match self.federation_request(dest, req).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.fed.keep_retry(dest, txn);
-                return Err(e);
-            }
-        };
+        let res = self.federation_request(dest, req).await?;
         for (id, r) in &res.pdus {
             if let Err(e) = r {
                 tracing::info!(%dest, event_id = %id, error = %e, "peer refused a PDU");
             }
         }
-        self.transaction_done(dest, &txn).await?;
-        Ok(retried || txn.full || self.fed.has_ephemeral(dest))
+        Ok(())
     }
 
     /// Queue `event_id` (at stream position `pos`) for each of `dests` into `batch`.
