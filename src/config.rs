@@ -73,6 +73,9 @@ pub struct Limits {
     pub timeline_limit_default: usize,
     /// Size of sled's page cache. Default 8 MiB (8_388_608).
     pub sled_cache_bytes: u64,
+    /// Most bytes of applied, not yet flushed batches held in the store's write buffer before
+    /// they go to sled (docs/storage.md). Default 4 MiB (4_194_304).
+    pub store_write_buffer_bytes: usize,
     /// Client requests handled at once; further ones wait. Default 256.
     pub max_concurrent_requests: usize,
     /// Transaction ids remembered per device for idempotent `/send`; the oldest are forgotten.
@@ -152,6 +155,7 @@ impl Default for Limits {
             timeline_limit_max: 100,
             timeline_limit_default: 20,
             sled_cache_bytes: 8 * 1024 * 1024,
+            store_write_buffer_bytes: 4 * 1024 * 1024,
             max_concurrent_requests: 256,
             txn_ids_per_device_max: 1000,
             max_upload_bytes: 50 * 1024 * 1024,

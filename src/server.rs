@@ -107,7 +107,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir { path: dir.display().to_string(), source })?;
     // Open sled first: its lock makes a second process on the same directory fail here,
     // before it touches anything else.
-    let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.join("db"), config.limits.sled_cache_bytes)?);
+    let store: Arc<dyn KvStore> = Arc::new(
+        SledStore::open(&dir.join("db"), config.limits.sled_cache_bytes)?
+            .with_pending_max(config.limits.store_write_buffer_bytes),
+    );
     let identity = Identity::load_or_create(&dir)?;
     let limits = core::Limits {
         timeline_limit_max: config.limits.timeline_limit_max,

@@ -15,7 +15,8 @@ use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use super::{full_key, scan_bounds, Batch, Entry, KvStore, Op, StoreError, StoreResult, Tree};
 
-/// Most bytes (keys + values) held in the write buffer before it goes to sled unflushed.
+/// Default of the most bytes (keys + values) held in the write buffer before it goes to sled
+/// unflushed (`limits.store_write_buffer_bytes`).
 pub const PENDING_MAX_BYTES: usize = 4 << 20;
 
 /// sled-backed [`KvStore`].
@@ -54,7 +55,8 @@ impl SledStore {
         Ok(Self { db, pending: Mutex::new(Pending::default()), pending_max: PENDING_MAX_BYTES })
     }
 
-    /// [`SledStore::open`] with a write buffer of at most `bytes` (tests use tiny ones).
+    /// A write buffer of at most `bytes` instead of [`PENDING_MAX_BYTES`] (0: every batch goes
+    /// to sled at once).
     pub fn with_pending_max(mut self, bytes: usize) -> Self {
         self.pending_max = bytes;
         self
