@@ -88,3 +88,11 @@ fn membership_churn_across_a_partition_converges_3() {
     }
     sim_ok("partition-heal.toml", 1, 5, &[r#"state_changes.kinds=["ban"]"#]);
 }
+
+/// A join whose `send_join` answer was lost had been accepted: the room sent the joiner what
+/// followed, which it dropped (not in the room yet), and its next attempt made a new join, so
+/// the messages in between never reached it. The unanswered join is now sent again instead.
+#[test]
+fn a_join_whose_answer_was_lost_is_sent_again() {
+    sim_ok("churn.toml", 17, 20, &[]);
+}

@@ -234,6 +234,8 @@ pub struct Core {
     /// Rooms this node is joining through another server right now: PDUs for them may arrive
     /// before the send_join answer (see `federation::receive`).
     pub(crate) joining: StdMutex<BTreeMap<OwnedRoomId, usize>>,
+    /// Joins sent with `send_join` whose answer never came (see `federation::join`).
+    pub(crate) unanswered_joins: StdMutex<BTreeMap<OwnedRoomId, federation::join::UnansweredJoin>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -312,6 +314,7 @@ impl Core {
             rng: StdMutex::new(rng),
             unread_memo: Default::default(),
             joining: StdMutex::new(BTreeMap::new()),
+            unanswered_joins: StdMutex::new(BTreeMap::new()),
         }))
     }
 

@@ -369,6 +369,46 @@ impl Core {
         let stale_copy = self.room(room)?.is_some()
             && !self.servers_in_room(room)?.contains(self.server_name())
             && self.joining.lock().unwrap_or_else(|e| e.into_inner()).get(room).copied() == Some(1);
+        // A join we sent before whose answer never came may have been accepted: the room then
+        // already has it (and sends us what follows it). Send that same join again instead of
+        // a new one, so that we join at it and the events built on it reach us (the resident
+        // answers a join it holds with the state before it, and passes us its extremities).
+        let unanswered = self.take_unanswered_join(room, user);
+        let reused = unanswered.is_some();
+        let (version, rules, event_id, object) = match unanswered {
+            Some(u) => {
+                let rules = rules_for(&u.version)?;
+                (u.version, rules, u.event_id, u.object)
+            }
+            None => self.make_join(user, room, server).await?,
+        };
+        let req = create_join_event::v2::Request::new(room.to_owned(), event_id.clone(), raw(&object)?);
+        let res = match self.federation_request(server, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                // It may have arrived (no answer), or this server could not take it (not in the
+                // room) while another may hold it: keep it to send again (see above). A join
+                // the room refuses is not kept.
+                let refused = matches!(e, Error::Forbidden(_) | Error::BadJson(_));
+                if super::is_transient(&e) || (reused && !refused) {
+                    self.keep_unanswered_join(
+                        room,
+                        UnansweredJoin { user: user.to_owned(), version, event_id, object, at_ms: self.now_ms() },
+                    );
+                }
+                return Err(e);
+            }
+        };
+        self.finish_join(room, server, stale_copy, version, rules, event_id, object, res).await
+    }
+
+    /// make_join through `server`, and the signed join event built from its template.
+    async fn make_join(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        server: &ServerName,
+    ) -> Result<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, OwnedEventId, CanonicalJsonObject)> {
         let mut req = prepare_join_event::v1::Request::new(room.to_owned(), user.to_owned());
         req.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
         let res = self.federation_request(server, req).await?;
@@ -401,8 +441,22 @@ impl Core {
             ruma::canonical_json::try_from_json_map(template).map_err(|e| Error::BadJson(e.to_string()))?;
         pdu::hash_and_sign(self.server_name().as_str(), self.identity.key_pair(), &mut object, &rules)?;
         let event_id = pdu::event_id_of(&object, &rules)?;
-        let req = create_join_event::v2::Request::new(room.to_owned(), event_id.clone(), raw(&object)?);
-        let res = self.federation_request(server, req).await?;
+        Ok((version, rules, event_id, object))
+    }
+
+    /// Store what a send_join answer gave and adopt the room at our join.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_join(
+        self: &Arc<Self>,
+        room: &RoomId,
+        server: &ServerName,
+        stale_copy: bool,
+        version: RoomVersionId,
+        rules: ruma::room_version_rules::RoomVersionRules,
+        event_id: OwnedEventId,
+        object: CanonicalJsonObject,
+        res: create_join_event::v2::Response,
+    ) -> Result<OwnedRoomId> {
         // Check every event we were given (steps 1–3), then store the auth chain and state as
         // outliers in depth order (each is checked against its own auth events).
         let mut events: Vec<SignedPdu> = Vec::new();
@@ -449,6 +503,46 @@ impl Core {
         }
         self.adopt_room(room, &version, create, state, join, stale_copy).await?;
         Ok(room.to_owned())
+    }
+}
+
+/// Most unanswered joins remembered (one per room).
+const UNANSWERED_JOINS_MAX: usize = 64;
+/// How long an unanswered join is worth sending again.
+const UNANSWERED_JOIN_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// A join sent with `send_join` that got no answer: it may have been accepted.
+pub(crate) struct UnansweredJoin {
+    user: ruma::OwnedUserId,
+    version: RoomVersionId,
+    event_id: OwnedEventId,
+    object: CanonicalJsonObject,
+    at_ms: u64,
+}
+
+impl Core {
+    fn keep_unanswered_join(&self, room: &RoomId, join: UnansweredJoin) {
+        let mut m = self.unanswered_joins.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= UNANSWERED_JOINS_MAX && !m.contains_key(room) {
+            if let Some(oldest) = m.iter().min_by_key(|(_, j)| j.at_ms).map(|(r, _)| r.clone()) {
+                m.remove(&oldest);
+            }
+        }
+        m.insert(room.to_owned(), join);
+    }
+
+    /// The unanswered join of `user` in `room`, if recent enough (taken: it is kept again if
+    /// it goes unanswered again).
+    fn take_unanswered_join(&self, room: &RoomId, user: &UserId) -> Option<UnansweredJoin> {
+        let mut m = self.unanswered_joins.lock().unwrap_or_else(|e| e.into_inner());
+        let j = m.remove(room)?;
+        if j.user != user || self.now_ms().saturating_sub(j.at_ms) > UNANSWERED_JOIN_TTL_MS {
+            if j.user != user {
+                m.insert(room.to_owned(), j);
+            }
+            return None;
+        }
+        Some(j)
     }
 }
 
