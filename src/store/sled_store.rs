@@ -11,7 +11,7 @@
 //! flushed may be lost either way (and nothing is acknowledged before its flush), and one sled
 //! batch made of several whole batches is still all-or-nothing.
 
-use std::{collections::BTreeMap, path::Path, sync::Mutex};
+use std::{collections::BTreeMap, path::Path, sync::RwLock};
 
 use super::{full_key, scan_bounds, Batch, Entry, KvStore, Op, StoreError, StoreResult, Tree};
 
@@ -23,7 +23,7 @@ pub const PENDING_MAX_BYTES: usize = 4 << 20;
 pub struct SledStore {
     db: sled::Db,
     /// Applied, not yet in sled: full key → value (`None`: deleted).
-    pending: Mutex<Pending>,
+    pending: RwLock<Pending>,
     pending_max: usize,
 }
 
@@ -52,7 +52,7 @@ impl SledStore {
                 sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked(dir.display().to_string()),
                 other => StoreError::Backend(other.to_string()),
             })?;
-        Ok(Self { db, pending: Mutex::new(Pending::default()), pending_max: PENDING_MAX_BYTES })
+        Ok(Self { db, pending: RwLock::new(Pending::default()), pending_max: PENDING_MAX_BYTES })
     }
 
     /// A write buffer of at most `bytes` instead of [`PENDING_MAX_BYTES`] (0: every batch goes
@@ -62,8 +62,13 @@ impl SledStore {
         self
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn pending(&self) -> std::sync::RwLockWriteGuard<'_, Pending> {
+        self.pending.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Readers share the buffer; a drain (under the write lock) waits for them.
+    fn pending_read(&self) -> std::sync::RwLockReadGuard<'_, Pending> {
+        self.pending.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hand the write buffer to sled as one batch (the caller holds the buffer's lock, so no
@@ -102,7 +107,7 @@ fn backend(e: sled::Error) -> StoreError {
 impl KvStore for SledStore {
     fn get(&self, tree: Tree, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         let k = full_key(tree, key);
-        let p = self.pending();
+        let p = self.pending_read();
         if let Some(v) = p.ops.get(&k) {
             return Ok(v.clone());
         }
@@ -140,7 +145,7 @@ impl KvStore for SledStore {
         if limit == 0 {
             return Ok(out);
         }
-        let p = self.pending();
+        let p = self.pending_read();
         // The buffer's entries in range, merged over sled's (the buffer wins on equal keys; its
         // deletions hide sled's entries).
         let over: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = if reverse {
