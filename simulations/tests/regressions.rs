@@ -96,3 +96,25 @@ fn membership_churn_across_a_partition_converges_3() {
 fn a_join_whose_answer_was_lost_is_sent_again() {
     sim_ok("churn.toml", 17, 20, &[]);
 }
+
+/// Open (simulations/README.md, "Open"): seeds that do not converge today. Partition-heal: one
+/// node's resolved state differs for good, or a node thinks its user is out while the others
+/// say joined. Churn: events sent beside a join reach the joiner through gap filling, where
+/// their prev events (history before the join) cannot connect and they are rejected. Which
+/// seeds fail moves with any change of timing; these are today's.
+#[test]
+#[ignore = "open bug: see simulations/README.md, Open"]
+fn open_partition_heal_seeds() {
+    for seed in [21, 50] {
+        sim_ok("partition-heal.toml", seed, 5, &[]);
+    }
+}
+
+/// See `open_partition_heal_seeds`.
+#[test]
+#[ignore = "open bug: see simulations/README.md, Open"]
+fn open_churn_seeds() {
+    for seed in [28, 77] {
+        sim_ok("churn.toml", seed, 20, &[]);
+    }
+}
