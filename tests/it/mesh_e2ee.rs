@@ -47,8 +47,11 @@ async fn wait_keys_uploaded(node: &Node, client: &Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn encrypted_conversation_over_quic() {
     let port = common::free_udp_port();
-    let a = Node::start_with_args(vec!["--listen".into(), format!("/ip4/127.0.0.1/udp/{port}/quic-v1")]).await;
-    let b = Node::start_with_args(vec!["--peer".into(), format!("/ip4/127.0.0.1/udp/{port}/quic-v1")]).await;
+    // This test timed out now and then (a message not decrypted in 60 s) without a cause in the
+    // INFO log: federation and E2EE at DEBUG, so that the log printed on a timeout says more.
+    let log = "info,ruma_state_res=warn,outpost::core::federation=debug,outpost::core::e2ee=debug";
+    let a = Node::start_with_log(vec!["--listen".into(), format!("/ip4/127.0.0.1/udp/{port}/quic-v1")], log).await;
+    let b = Node::start_with_log(vec!["--peer".into(), format!("/ip4/127.0.0.1/udp/{port}/quic-v1")], log).await;
     let alice = register(&a, "alice", "alice-password").await;
     let bob = register(&b, "bob", "bob-password").await;
     let bob_id: OwnedUserId = bob.user_id().unwrap().to_owned();

@@ -45,6 +45,8 @@ pub struct Node {
     starts: u32,
     /// Extra arguments for `outpost run` (e.g. static peers).
     pub extra_args: Vec<String>,
+    /// `RUST_LOG` for the node (its log is printed when a wait times out).
+    pub log_filter: Option<String>,
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago (for QUIC listen addresses).
@@ -92,6 +94,16 @@ impl Node {
     }
 
     async fn launch_with(tmp: Option<TempDir>, data_dir: PathBuf, log_path: PathBuf, extra_args: Vec<String>) -> Node {
+        Self::launch_logged(tmp, data_dir, log_path, extra_args, None).await
+    }
+
+    async fn launch_logged(
+        tmp: Option<TempDir>,
+        data_dir: PathBuf,
+        log_path: PathBuf,
+        extra_args: Vec<String>,
+        log_filter: Option<String>,
+    ) -> Node {
         let port = free_port();
         let mut node = Node {
             child: None,
@@ -102,9 +114,17 @@ impl Node {
             base_url: format!("http://127.0.0.1:{port}"),
             starts: 0,
             extra_args,
+            log_filter,
         };
         node.spawn_and_wait().await;
         node
+    }
+
+    /// [`Node::start_with_args`] with the node's log filtered by `filter` (`RUST_LOG` syntax).
+    pub async fn start_with_log(args: Vec<String>, filter: &str) -> Node {
+        let tmp = tempfile::Builder::new().prefix("outpost-test-").tempdir().expect("temp dir");
+        let (data_dir, log_path) = (tmp.path().join("data"), tmp.path().join("outpost.log"));
+        Self::launch_logged(Some(tmp), data_dir, log_path, args, Some(filter.to_owned())).await
     }
 
     /// Spawns the binary (same dir, same port) and waits for readiness. If the process exits
@@ -160,6 +180,9 @@ impl Node {
             }
         }
         cmd.env("NO_COLOR", "1");
+        if let Some(f) = &self.log_filter {
+            cmd.env("RUST_LOG", f);
+        }
         self.child = Some(cmd.spawn().expect("spawn outpost binary"));
     }
 
