@@ -47,6 +47,21 @@ const MAX_GAP_ROUNDS: usize = 5;
 const MAX_GAP_HELPERS: usize = 3;
 /// Missing events fetched one by one from a server that does not hold what needs them.
 const MAX_GAP_DIRECT: usize = 10;
+/// Events of one gap that may still lack prev events once the gap is filled as far as it
+/// goes, and get the state before them with `state_ids` (one request each).
+const MAX_GAP_STATE_FALLBACKS: usize = 20;
+
+/// What [`Core::handle_pdu`] may ask other servers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fetch {
+    /// Missing prev events (`get_missing_events`), missing auth events, and the state before
+    /// the event (`state_ids`) when its prev events stay missing.
+    All,
+    /// Auth events and `state_ids`, but no gap walk (an event found while filling a gap).
+    NoGap,
+    /// Nothing: an event whose prev events are missing is rejected.
+    Nothing,
+}
 
 fn reject(msg: impl Into<String>) -> PduOutcome {
     PduOutcome::Rejected(msg.into())
@@ -129,8 +144,8 @@ fn verify_pdu(rules: &RoomVersionRules, raw: &RawValue) -> std::result::Result<S
 
 impl Core {
     /// Handle a `/send` transaction from `origin` (already authenticated as that peer): its
-    /// PDUs, then its EDUs (`edu.rs`), so that a receipt can name an event of the same
-    /// transaction.
+    /// to-device EDUs, its PDUs, then its other EDUs (`edu.rs`), so that a receipt can name an
+    /// event of the same transaction.
     pub async fn receive_transaction(
         self: &Arc<Self>,
         origin: &ServerName,
@@ -152,21 +167,29 @@ impl Core {
         // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
         let began_ms = self.now_ms();
         let n = pdus.len();
+        let n_edus = edus.len();
         let results = self
             .with_deferred_flush(async {
                 let _serial = origin_lock.lock().await;
                 if self.last_txn(origin)?.as_deref() == Some(txn_id) {
                     return Ok(BTreeMap::new());
                 }
+                // To-device messages first: they carry the room keys of encrypted events that
+                // come later in the sender's queue and may ride in the same transaction; a
+                // client that saw such an event before its key would show it undecryptable.
+                let (to_device, other): (Vec<_>, Vec<_>) = edus.into_iter().partition(|e| {
+                    e.get_field::<String>("edu_type").ok().flatten().as_deref() == Some("m.direct_to_device")
+                });
+                self.receive_edus(origin, to_device).await?;
                 let results = self.receive_pdus(origin, pdus).await?;
-                self.receive_edus(origin, edus).await?;
+                self.receive_edus(origin, other).await?;
                 self.set_last_txn(origin, txn_id).await.map(|()| results)
             })
             .await?;
         if let Ok(r) = &results {
             let rejected = r.values().filter(|v| v.is_err()).count();
             let ms = self.now_ms().saturating_sub(began_ms);
-            tracing::debug!(%origin, txn_id, pdus = n, rejected, ms, "transaction received");
+            tracing::debug!(%origin, txn_id, pdus = n, edus = n_edus, rejected, ms, "transaction received");
         }
         results
     }
@@ -204,7 +227,7 @@ impl Core {
         let items =
             rooms.into_iter().zip(verified).chain(unverified.into_iter().map(|(room, raw)| (room, (raw, None))));
         for (room, (raw, checked)) in items {
-            match self.handle_pdu(origin, &room, &raw, checked, true).await {
+            match self.handle_pdu(origin, &room, &raw, checked, Fetch::All).await {
                 Ok((id, PduOutcome::Rejected(why))) => {
                     tracing::info!(%origin, event_id = %id, reason = %why, "rejected PDU");
                     results.insert(id, Err(why));
@@ -256,7 +279,7 @@ impl Core {
         raw: &RawValue,
         fetch: bool,
     ) -> Result<(OwnedEventId, PduOutcome)> {
-        self.handle_pdu(origin, room, raw, None, fetch).await
+        self.handle_pdu(origin, room, raw, None, if fetch { Fetch::All } else { Fetch::Nothing }).await
     }
 
     /// [`Core::handle_incoming_pdu`], with steps 1–3 already run (`checked`) under the rules of
@@ -267,7 +290,7 @@ impl Core {
         room: &RoomId,
         raw: &RawValue,
         checked: Option<std::result::Result<SignedPdu, String>>,
-        fetch: bool,
+        fetch: Fetch,
     ) -> Result<(OwnedEventId, PduOutcome)> {
         let record = self.room(room)?.ok_or_else(|| Error::NotFound(format!("not in room {room}")))?;
         let rules = rules_for(&record.version)?;
@@ -295,13 +318,13 @@ impl Core {
         // outliers the gap could then not be connected through.
         let mut missing: Vec<OwnedEventId> =
             signed.pdu.prev_events.iter().filter(|p| self.is_missing(p)).cloned().collect();
-        if !missing.is_empty() && fetch {
+        if !missing.is_empty() && fetch == Fetch::All {
             self.fetch_missing_prev_events(origin, room, &rules, &signed.pdu).await?;
             missing.retain(|p| self.is_missing(p));
         }
         // 4. Passes authorization rules based on the event's auth events, otherwise it is
         //    rejected. (Missing auth events are fetched and checked first.)
-        if fetch {
+        if fetch != Fetch::Nothing {
             self.fetch_missing_auth_events(origin, room, &rules, &signed.pdu).await?;
         }
         if let Err(e) = check_state_independent_auth_rules(&rules.authorization, &signed.pdu, |id: &EventId| {
@@ -321,7 +344,7 @@ impl Core {
         // (state_ids).
         let before_override = if missing.is_empty() {
             None
-        } else if fetch {
+        } else if fetch != Fetch::Nothing {
             Some(self.fetch_state_at(origin, room, &rules, &id).await?)
         } else {
             return Ok((id, reject("prev events unknown")));
@@ -549,20 +572,43 @@ impl Core {
         let reached = self.gap_reached(pdu, &got);
         let mut events: Vec<SignedPdu> = got.into_values().filter(|s| reached.contains(&s.event_id)).collect();
         events.sort_by_key(|s| s.pdu.depth);
+        let mut fallbacks = 0;
         for s in events {
             let raw =
                 RawValue::from_string(serde_json::to_string(&s.object).map_err(|e| Error::Internal(e.to_string()))?)
                     .map_err(|e| Error::Internal(e.to_string()))?;
-            // Each missing event must itself connect to what we have; what does not goes
-            // through the state_ids fallback when the event that needed it is handled.
-            let fut = Box::pin(self.handle_incoming_pdu(origin, room, &raw, false));
-            if let Ok((id, PduOutcome::Rejected(why))) = fut.await {
-                tracing::info!(%origin, event_id = %id, reason = %why, "missing event rejected");
+            // Each missing event is processed oldest first, so it connects to what we have or
+            // to the ones before it. One that still does not — it was sent beside our join and
+            // builds on history from before it, which we do not walk — gets the state before
+            // it from the origin (`state_ids`), like the event that needed it: rejecting it
+            // would lose a message everyone else has.
+            let fetch = if s.pdu.prev_events.iter().any(|p| self.is_missing(p)) {
+                fallbacks += 1;
+                if fallbacks <= MAX_GAP_STATE_FALLBACKS {
+                    Fetch::NoGap
+                } else {
+                    Fetch::Nothing
+                }
+            } else {
+                Fetch::NoGap
+            };
+            match Box::pin(self.handle_pdu(origin, room, &raw, None, fetch)).await {
+                Ok((id, PduOutcome::Rejected(why))) => {
+                    tracing::info!(%origin, event_id = %id, reason = %why, "missing event rejected");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::info!(%origin, event_id = %s.event_id, error = %e, "missing event not processed");
+                    if super::is_transient(&e) {
+                        unreachable = Some(e);
+                    }
+                }
             }
         }
         // The origin did not answer and the gap is still open (others may not hold it: their
-        // silence proves nothing): the caller must not go on as if it could not be filled (state_ids, then a soft-fail against a current state
-        // that lacks the gap would be for good); a transaction is retried instead.
+        // silence proves nothing): the caller must not go on as if it could not be filled
+        // (state_ids, then a soft-fail against a current state that lacks the gap would be for
+        // good); a transaction is retried instead.
         match unreachable {
             Some(e) if pdu.prev_events.iter().any(|p| self.is_missing(p)) => Err(e),
             _ => Ok(()),
