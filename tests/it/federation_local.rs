@@ -3,9 +3,20 @@
 
 use crate::common;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use outpost::{net::local::LocalNetwork, server};
+use outpost::{
+    core::federation::{BoxFuture, Transport, TransportError},
+    net::local::LocalNetwork,
+    server,
+};
+use ruma::OwnedServerName;
 use serde_json::{json, Value};
 
 async fn node(net: &Arc<LocalNetwork>) -> (server::Node, tempfile::TempDir) {
@@ -129,6 +140,87 @@ async fn invite_join_and_talk_across_two_nodes() {
     assert_eq!(st, 200);
     alice.wait_for("bob's reply", |s| timeline_bodies(s, &room).contains(&"hi alice".to_owned())).await;
 
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// A transport that loses the next `lose` `/send` transactions (armed by the test) and passes
+/// everything else on; `lost` counts those it lost.
+struct LosesTransactions {
+    inner: Arc<dyn Transport>,
+    lose: Arc<AtomicUsize>,
+    lost: Arc<AtomicUsize>,
+}
+
+impl Transport for LosesTransactions {
+    fn send(
+        &self,
+        dest: OwnedServerName,
+        req: http::Request<bytes::Bytes>,
+    ) -> BoxFuture<'static, Result<http::Response<bytes::Bytes>, TransportError>> {
+        let lost = req.uri().path().starts_with("/_matrix/federation/v1/send/")
+            && self.lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if lost {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            return Box::pin(async move { Err(TransportError::Failed(dest, "lost".into())) });
+        }
+        self.inner.send(dest, req)
+    }
+}
+
+/// A transaction that failed is sent again as it was; what was queued while it waited — here
+/// a to-device message between two room messages — must follow it. (The second transaction in
+/// flight used to carry only PDUs and the to-device message stayed queued until something
+/// else was sent: a room key lost this way left a message undecryptable.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_to_device_message_queued_behind_a_failed_transaction_arrives() {
+    let net = LocalNetwork::new();
+    let (lose, lost) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (l1, l2) = (lose.clone(), lost.clone());
+    let (a, _da) =
+        common::inproc_node_with(&net, move |inner| Arc::new(LosesTransactions { inner, lose: l1, lost: l2 })).await;
+    let (b, _db) = node(&net).await;
+    let alice = User::register(&a, "alice").await;
+    let bob = User::register(&b, "bob").await;
+    let (_, r) = alice.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", json!({})).await;
+    let room = r["room_id"].as_str().unwrap().to_owned();
+    let (st, r) = alice
+        .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/invite"), json!({"user_id": bob.id}))
+        .await;
+    assert_eq!(st, 200, "invite: {r}");
+    bob.wait_for("the invite", |s| s["rooms"]["invite"][&room].is_object()).await;
+    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), json!({})).await;
+    assert_eq!(st, 200, "join: {r}");
+    alice.wait_for("bob's join", |s| s["rooms"]["join"][&room]["timeline"].is_object()).await;
+    let send = |i: u32| {
+        let (alice, path) = (&alice, format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/m{i}"));
+        async move {
+            alice.call(reqwest::Method::PUT, &path, json!({"msgtype": "m.text", "body": format!("message {i}")})).await
+        }
+    };
+
+    // The transaction carrying message 0 is lost: A backs off (at least a second).
+    lose.store(1, Ordering::SeqCst);
+    assert_eq!(send(0).await.0, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while lost.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the transaction was never sent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // While A waits: a to-device message for bob, then another room message.
+    let body = json!({"messages": {bob.id.clone(): {"*": {"note": "to-device while waiting"}}}});
+    let (st, r) = alice.call(reqwest::Method::PUT, "/_matrix/client/v3/sendToDevice/org.example.note/t1", body).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(send(1).await.0, 200);
+
+    let s = bob.wait_for("both messages", |s| timeline_bodies(s, &room).len() >= 2).await;
+    assert_eq!(timeline_bodies(&s, &room), ["message 0", "message 1"]);
+    bob.wait_for("the to-device message", |s| {
+        s["to_device"]["events"]
+            .as_array()
+            .is_some_and(|evs| evs.iter().any(|e| e["content"]["note"] == "to-device while waiting"))
+    })
+    .await;
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }

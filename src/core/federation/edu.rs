@@ -456,17 +456,21 @@ impl Core {
     /// Build the next transaction for `dest` from its queues: up to 50 PDUs, up to 100 EDUs
     /// (durable ones first).
     pub(crate) fn build_transaction(&self, dest: &ServerName) -> Result<OutTxn> {
-        self.build_transaction_after(dest, None)
+        self.build_transaction_after(dest, &[])
     }
 
-    /// A transaction for `dest`. With `after` (the last queue key of a transaction still on its
-    /// way), only the PDUs queued after it, and no EDUs: a second transaction in flight.
-    pub(crate) fn build_transaction_after(&self, dest: &ServerName, after: Option<&[u8]>) -> Result<OutTxn> {
+    /// A transaction for `dest` carrying what the transactions still on their way (`ahead`,
+    /// oldest first) do not: the PDUs and durable EDUs queued after the last ones they carry
+    /// (queue keys grow with the stream position), and ephemeral EDUs.
+    pub(crate) fn build_transaction_after(&self, dest: &ServerName, ahead: &[&OutTxn]) -> Result<OutTxn> {
         let mut txn = OutTxn { id: self.fed.next_txn_id(self.started_ms()), ..Default::default() };
         let max_pdus = super::sender::MAX_PDUS_PER_TXN;
-        let from = after.map(|k| [k, &[0u8][..]].concat());
-        let entries =
-            self.store.scan(Tree::FedQueue, &prefix(&[dest.as_bytes()]), from.as_deref(), None, false, max_pdus)?;
+        // Just after a key: the key with a 0 byte appended.
+        let after = |last: Option<&Vec<u8>>| last.map(|k| [k.as_slice(), &[0u8][..]].concat());
+        let pdus_from = after(ahead.iter().rev().find_map(|t| t.pdu_keys.last()));
+        let edus_from = after(ahead.iter().rev().find_map(|t| t.edu_keys.last()));
+        let p = prefix(&[dest.as_bytes()]);
+        let entries = self.store.scan(Tree::FedQueue, &p, pdus_from.as_deref(), None, false, max_pdus)?;
         for (k, v) in entries {
             let id = EventId::parse(&*String::from_utf8_lossy(&v)).map_err(|e| Error::Internal(e.to_string()))?;
             if let Some(stored) = self.stored_pdu(&id)? {
@@ -474,12 +478,8 @@ impl Core {
             }
             txn.pdu_keys.push(k);
         }
-        if after.is_some() {
-            txn.full = txn.pdu_keys.len() == max_pdus;
-            return Ok(txn);
-        }
-        let durable = self.store.scan_prefix(Tree::FedEduQueue, &prefix(&[dest.as_bytes()]), MAX_EDUS_PER_TXN)?;
-        if durable.is_empty() {
+        let durable = self.store.scan(Tree::FedEduQueue, &p, edus_from.as_deref(), None, false, MAX_EDUS_PER_TXN)?;
+        if durable.is_empty() && ahead.is_empty() {
             lock(&self.fed.durable_counts).insert(dest.to_owned(), 0);
         }
         for (k, v) in durable {
@@ -540,6 +540,7 @@ impl Core {
             if server == self.server_name() {
                 continue;
             }
+            tracing::debug!(dest = %server, %sender, kind, message_id, pos, "to-device queued for a server");
             let content = json!({"sender": sender, "type": kind, "message_id": message_id, "messages": messages});
             let edu = QueuedEdu::Ready { edu_type: "m.direct_to_device".into(), content };
             self.stage_durable_edus(b, &BTreeSet::from([server]), pos, &[edu])?;
@@ -666,6 +667,7 @@ impl Core {
         if messages.is_empty() {
             return Ok(());
         }
+        tracing::debug!(%origin, sender = %c.sender, kind = %c.ev_type, message_id = %c.message_id, "to-device received");
         let device = OwnedDeviceId::from(REMOTE_SENDER_DEVICE);
         // The message id deduplicates a transaction sent twice.
         self.send_to_device(&c.sender, &device, &c.ev_type.to_string(), c.message_id.as_str(), messages).await

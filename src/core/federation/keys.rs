@@ -475,6 +475,14 @@ impl Core {
                 }
             }
         }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (u, d) in out["device_keys"].as_object().into_iter().flatten() {
+                if u.split_once(':').is_some_and(|(_, s)| s != self.server_name().as_str()) {
+                    let devices = d.as_object().map_or(0, Map::len);
+                    tracing::debug!(user = %u, devices, "remote keys answered");
+                }
+            }
+        }
         out["failures"] = JsonValue::Object(failures);
         Ok(out)
     }

@@ -262,11 +262,12 @@ impl Core {
                             None => (self.build_transaction(&dest)?, false),
                         }
                     }
-                    // Only PDUs queued after those on their way.
-                    Some((ahead, _)) => match ahead.pdu_keys.last() {
-                        Some(last) => (self.build_transaction_after(&dest, Some(last))?, false),
-                        None => break,
-                    },
+                    // What was queued after the transactions on their way (a transaction sent
+                    // again is as it was: what came since is in the next one).
+                    Some(_) => {
+                        let ahead: Vec<&OutTxn> = in_flight.iter().map(|(t, _)| t).collect();
+                        (self.build_transaction_after(&dest, &ahead)?, false)
+                    }
                 };
                 more = retried || txn.full || self.fed.has_ephemeral(&dest);
                 if txn.is_empty() {
