@@ -594,11 +594,26 @@ fn dump(w: &World, room: Option<&ruma::OwnedRoomId>) {
                     .unwrap_or_default()
             };
             let own = m(w.sh.users[i].as_str());
+            let elsewhere: Vec<String> = (0..w.nodes.len())
+                .filter(|j| *j != i)
+                .map(|j| {
+                    let Some(c) = w.core(j) else { return format!("{j}:down") };
+                    let referenced = c.is_built_on(room, &e).unwrap_or(false);
+                    match c.stored_pdu(&e).ok().flatten() {
+                        None => format!("{j}:missing"),
+                        Some(s) if s.outlier => format!("{j}:outlier"),
+                        Some(s) if s.soft_failed => format!("{j}:soft-failed"),
+                        Some(_) if referenced => format!("{j}:built-on"),
+                        Some(_) => format!("{j}:extremity"),
+                    }
+                })
+                .collect();
             eprintln!(
-                "    ext {e} depth {} {} by {}; own member after: {own}",
+                "    ext {e} depth {} {} by {}; own member after: {own}; elsewhere {}",
                 p.as_ref().map(|p| p.depth).unwrap_or(0),
                 p.as_ref().map(|p| p.kind.to_string()).unwrap_or_default(),
-                p.as_ref().map(|p| p.sender.to_string()).unwrap_or_default().chars().take(6).collect::<String>()
+                p.as_ref().map(|p| p.sender.to_string()).unwrap_or_default().chars().take(6).collect::<String>(),
+                elsewhere.join(" ")
             );
         }
     }

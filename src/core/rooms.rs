@@ -1159,8 +1159,10 @@ impl Core {
         //
         // Not when the join already reached us through the room (the resident passed it on
         // while its send_join answer was on its way, and other events may build on it): it is
-        // part of our copy then, which is no longer stale.
-        if matches!(self.stored_pdu(&join.event_id)?, Some(s) if !s.outlier) {
+        // part of our copy then, which is no longer stale. Unless our stale copy soft-failed it
+        // (the room's state there still had us out): the room accepted it (send_join answered),
+        // so it is adopted as below, and what builds on it is judged again.
+        if matches!(self.stored_pdu(&join.event_id)?, Some(s) if !s.outlier && !s.soft_failed) {
             let user = join.pdu.sender.clone();
             return self.commit(Batch::new(), |batch, _, _| Ok(self.forget_invite(batch, &user, room_id))).await;
         }
@@ -1235,6 +1237,11 @@ impl Core {
             out.push((u64::from_be_bytes(pos), id));
         }
         Ok(out)
+    }
+
+    /// Whether an accepted event of `room_id` builds on `id` (it lists it among its prev events).
+    pub fn is_built_on(&self, room_id: &RoomId, id: &EventId) -> Result<bool> {
+        Ok(self.store.get(Tree::Referenced, &key(&[room_id.as_bytes(), id.as_bytes()]))?.is_some())
     }
 
     /// Forward extremities of a room.
