@@ -788,3 +788,46 @@ async fn encrypted_conversation_across_two_nodes() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Declining an invite from another node
+// ---------------------------------------------------------------------------------------------
+
+/// Bob (node B, never in the room) declines alice's invite: the leave goes through alice's
+/// node (make_leave, send_leave v2), which passes it on to carol's node; both see bob out, and
+/// the invite is gone from bob's sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declining_an_invite_from_another_node_tells_the_room() {
+    let net = LocalNetwork::new();
+    let (a, _da) = node(&net).await;
+    let (b, _db) = node(&net).await;
+    let (c, _dc) = node(&net).await;
+    let alice = User::register(&a, "alice").await;
+    let bob = User::register(&b, "bob").await;
+    let carol = User::register(&c, "carol").await;
+    let room = shared_room(&alice, &carol, json!({"preset": "private_chat"})).await;
+    alice
+        .ok(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), json!({"user_id": bob.id}))
+        .await;
+    poll("the invite at bob", || async { bob.sync(None, 0).await["rooms"]["invite"][&room].is_object().then_some(()) })
+        .await;
+    bob.ok(
+        reqwest::Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        json!({"reason": "not for me"}),
+    )
+    .await;
+    for (u, who) in [(&alice, "alice"), (&carol, "carol")] {
+        poll(&format!("bob's leave at {who}'s node"), || async {
+            let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&bob.id));
+            let (st, r) = u.get(&path).await;
+            (st == 200 && r["membership"] == "leave" && r["reason"] == "not for me").then_some(())
+        })
+        .await;
+    }
+    let s = bob.sync(None, 0).await;
+    assert!(s["rooms"]["invite"][&room].is_null(), "the invite is gone: {s}");
+    // Declining what is no longer there: 404, nothing else changes.
+    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    assert!(st == 404 || st == 403, "{st} {r}");
+}

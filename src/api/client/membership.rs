@@ -75,7 +75,7 @@ pub async fn leave_room_route(
 ) -> ApiResult<Json<Value>> {
     let (user, _) = body.sender()?;
     if s.core.room(&body.body.room_id)?.is_none() && s.core.pending_invite(user, &body.body.room_id)?.is_some() {
-        s.core.reject_invite_locally(user, &body.body.room_id).await?;
+        s.core.reject_invite(user, &body.body.room_id, body.body.reason.clone()).await?;
         return Ok(Json(json!({})));
     }
     s.core.set_membership(user, &body.body.room_id, user, "leave", body.body.reason.clone(), None).await?;

@@ -30,6 +30,8 @@ pub fn router(state: AppState) -> Router {
     let r = ruma_route!(r, f::event::get_room_state::v1::Request, transactions::get_room_state_route);
     let r = ruma_route!(r, f::membership::prepare_join_event::v1::Request, membership::prepare_join_event_route);
     let r = ruma_route!(r, f::membership::create_join_event::v2::Request, membership::create_join_event_route);
+    let r = ruma_route!(r, f::membership::prepare_leave_event::v1::Request, membership::prepare_leave_event_route);
+    let r = ruma_route!(r, f::membership::create_leave_event::v2::Request, membership::create_leave_event_route);
     let r = ruma_route!(r, f::membership::create_invite::v2::Request, membership::create_invite_route);
     let r = ruma_route!(r, f::query::get_profile_information::v1::Request, query::get_profile_information_route);
     let r = ruma_route!(r, f::query::get_room_information::v1::Request, query::get_room_information_route);

@@ -4,7 +4,9 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use ruma::{
-    api::federation::membership::{create_invite, create_join_event, prepare_join_event, RawStrippedState},
+    api::federation::membership::{
+        create_invite, create_join_event, create_leave_event, prepare_join_event, prepare_leave_event, RawStrippedState,
+    },
     canonical_json::CanonicalJsonObject,
     events::TimelineEventType,
     signatures::sign_event,
@@ -180,16 +182,40 @@ impl Core {
         user: &UserId,
         versions: &[RoomVersionId],
     ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        self.membership_template(origin, room, user, "join", Some(versions))
+    }
+
+    /// Resident side of `make_leave`: a leave template for `user` (of `origin`), who may only
+    /// be invited (declining an invite from a room its server is not in).
+    pub fn make_leave_template(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        self.membership_template(origin, room, user, "leave", None)
+    }
+
+    /// A `membership` event template for `user` (of `origin`) built on our forward
+    /// extremities, refused early when the auth rules would refuse it.
+    fn membership_template(
+        &self,
+        origin: &ServerName,
+        room: &RoomId,
+        user: &UserId,
+        membership: &str,
+        versions: Option<&[RoomVersionId]>,
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
         if user.server_name() != origin {
-            return Err(Error::Forbidden("you may only make joins for your own users".into()));
+            return Err(Error::Forbidden(format!("you may only make {membership} events for your own users")));
         }
         let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
-        if !versions.contains(&record.version) {
+        if versions.is_some_and(|v| !v.contains(&record.version)) {
             return Err(Error::UnsupportedRoomVersion(record.version.to_string()));
         }
         let rules = rules_for(&record.version)?;
         let state = self.current_state(room)?;
-        let content = json!({"membership": "join"});
+        let content = json!({"membership": membership});
         let auth_types = state_res::auth_types_for_event(
             &TimelineEventType::RoomMember,
             user,
@@ -269,9 +295,7 @@ impl Core {
             }
         }
         // The joining server cannot reach the rest of the room yet: pass its join on.
-        let mut dests: BTreeSet<OwnedServerName> = self.servers_in_room(room)?;
-        dests.remove(origin);
-        dests.remove(self.server_name());
+        let dests = self.servers_to_pass_on(room, origin)?;
         let pos = stored.pos;
         let id = event_id.to_owned();
         // The joining server gets the state *before* its join, so it knows nothing of what grew
@@ -301,6 +325,57 @@ impl Core {
         rs.state = state_pdus;
         rs.servers_in_room = Some(self.servers_in_room(room)?.into_iter().map(|s| s.to_string()).collect());
         Ok(rs)
+    }
+
+    /// The other servers of `room`, to which an event `origin` gave us directly (send_join,
+    /// send_leave) is passed on: `origin` may not be able to reach them.
+    fn servers_to_pass_on(&self, room: &RoomId, origin: &ServerName) -> Result<BTreeSet<OwnedServerName>> {
+        let mut dests: BTreeSet<OwnedServerName> = self.servers_in_room(room)?;
+        dests.remove(origin);
+        dests.remove(self.server_name());
+        Ok(dests)
+    }
+
+    /// Resident side of `send_leave` v2: accept the leave (all receipt checks) and pass it on
+    /// to the other servers of the room.
+    pub async fn receive_send_leave(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        event_id: &EventId,
+        pdu: &RawValue,
+    ) -> Result<()> {
+        let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
+        let rules = rules_for(&record.version)?;
+        let signed = self.verify_pdu(&rules, pdu).map_err(Error::BadJson)?;
+        let p = &signed.pdu;
+        let is_leave = p.kind == TimelineEventType::RoomMember
+            && p.content_value().get("membership").and_then(|m| m.as_str()) == Some("leave");
+        if signed.event_id != event_id
+            || !is_leave
+            || p.sender.server_name() != origin
+            || p.state_key.as_deref() != Some(p.sender.as_str())
+        {
+            return Err(Error::BadJson("not a leave for a user of the requesting server".into()));
+        }
+        let (_, outcome) = self.handle_incoming_pdu(origin, room, pdu, true).await?;
+        use super::receive::PduOutcome;
+        match outcome {
+            PduOutcome::Accepted => {}
+            PduOutcome::Duplicate => return Ok(()),
+            PduOutcome::SoftFailed => return Err(Error::Forbidden("the leave fails against the current state".into())),
+            PduOutcome::Rejected(why) => return Err(Error::Forbidden(why)),
+        }
+        let stored = self.stored_pdu(event_id)?.ok_or_else(|| Error::Internal("leave vanished".into()))?;
+        let dests = self.servers_to_pass_on(room, origin)?;
+        let id = event_id.to_owned();
+        self.commit(Batch::new(), |b, _, _| {
+            self.enqueue_pdu(b, &dests, stored.pos, &id);
+            Ok(())
+        })
+        .await?;
+        self.wake_sender(&dests);
+        Ok(())
     }
 
     /// Join `user` to `room`, as `/join` does. While this node is in the room (one of its users
@@ -412,10 +487,30 @@ impl Core {
         let mut req = prepare_join_event::v1::Request::new(room.to_owned(), user.to_owned());
         req.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
         let res = self.federation_request(server, req).await?;
-        let version = res.room_version.unwrap_or(RoomVersionId::V10);
+        let profile = self.profile(user)?;
+        let mut content = json!({"membership": "join"});
+        if let Some(d) = profile.displayname {
+            content["displayname"] = json!(d);
+        }
+        if let Some(a) = profile.avatar_url {
+            content["avatar_url"] = json!(a);
+        }
+        self.sign_membership_template(user, res.room_version, &res.event, content)
+    }
+
+    /// Our signed event from a resident's membership template (`make_join`, `make_leave`),
+    /// with `content` as ours: the room version, its rules, the event id and the object.
+    fn sign_membership_template(
+        &self,
+        user: &UserId,
+        version: Option<RoomVersionId>,
+        event: &RawValue,
+        content: JsonValue,
+    ) -> Result<(RoomVersionId, ruma::room_version_rules::RoomVersionRules, OwnedEventId, CanonicalJsonObject)> {
+        let version = version.unwrap_or(RoomVersionId::V10);
         let rules = rules_for(&version)?;
         let mut template: serde_json::Map<String, JsonValue> =
-            serde_json::from_str(res.event.get()).map_err(|e| Error::BadJson(format!("bad join template: {e}")))?;
+            serde_json::from_str(event.get()).map_err(|e| Error::BadJson(format!("bad membership template: {e}")))?;
         // Keep only the fields a PDU has; fill in what is ours to fill.
         template.retain(|k, _| {
             ["type", "room_id", "sender", "state_key", "content", "prev_events", "auth_events", "depth"]
@@ -425,15 +520,7 @@ impl Core {
             || template.get("state_key").and_then(|s| s.as_str()) != Some(user.as_str())
             || template.get("type").and_then(|s| s.as_str()) != Some("m.room.member")
         {
-            return Err(Error::BadJson("join template is not a join for this user".into()));
-        }
-        let profile = self.profile(user)?;
-        let mut content = json!({"membership": "join"});
-        if let Some(d) = profile.displayname {
-            content["displayname"] = json!(d);
-        }
-        if let Some(a) = profile.avatar_url {
-            content["avatar_url"] = json!(a);
+            return Err(Error::BadJson("membership template is not for this user".into()));
         }
         template.insert("content".into(), content);
         template.insert("origin_server_ts".into(), json!(self.now_ms()));
@@ -582,11 +669,50 @@ impl Core {
         b.delete(Tree::Invites, key(&[user.as_bytes(), room.as_bytes()]));
     }
 
-    /// Decline an invite to a room this node is not in. The inviting server is not told (that
-    /// needs make_leave/send_leave; see docs/mesh.md); the invite disappears for the user.
-    pub async fn reject_invite_locally(&self, user: &UserId, room: &RoomId) -> Result<()> {
+    /// Decline an invite to a room this node is not in: a leave through the inviting server
+    /// (`make_leave`, `send_leave` v2; then the room's own server), so the room sees it. When
+    /// none of them can be reached the invite is declined here only — the user asked to be
+    /// rid of it, and a device on a mesh may never meet the inviter again (Synapse falls back
+    /// the same way).
+    pub async fn reject_invite(&self, user: &UserId, room: &RoomId, reason: Option<String>) -> Result<()> {
         let inv = self.pending_invite(user, room)?.ok_or_else(|| Error::NotFound("no invite to that room".into()))?;
-        let _ = inv;
+        let mut via = inv.via.clone();
+        via.extend(room.server_name().map(ToOwned::to_owned));
+        let mut seen = BTreeSet::new();
+        via.retain(|s| s.as_str() != self.server_name().as_str() && seen.insert(s.clone()));
+        let mut told = false;
+        for server in &via {
+            match self.leave_via(user, room, server, reason.clone()).await {
+                Ok(()) => {
+                    told = true;
+                    break;
+                }
+                Err(e) => tracing::info!(%room, via = %server, error = %e, "remote invite rejection failed"),
+            }
+        }
+        if !told && !via.is_empty() {
+            tracing::info!(%room, %user, "no server of the room could be told; invite declined here only");
+        }
+        self.reject_invite_locally(user, room).await
+    }
+
+    /// make_leave and send_leave v2 through `server`.
+    async fn leave_via(&self, user: &UserId, room: &RoomId, server: &ServerName, reason: Option<String>) -> Result<()> {
+        let res = self
+            .federation_request(server, prepare_leave_event::v1::Request::new(room.to_owned(), user.to_owned()))
+            .await?;
+        let mut content = json!({"membership": "leave"});
+        if let Some(r) = reason {
+            content["reason"] = json!(r);
+        }
+        let (_, _, event_id, object) = self.sign_membership_template(user, res.room_version, &res.event, content)?;
+        let req = create_leave_event::v2::Request::new(room.to_owned(), event_id, raw(&object)?);
+        self.federation_request(server, req).await?;
+        Ok(())
+    }
+
+    /// Forget an invite to a room this node is not in, here only.
+    async fn reject_invite_locally(&self, user: &UserId, room: &RoomId) -> Result<()> {
         let k = key(&[user.as_bytes(), room.as_bytes()]);
         let old: Option<UserRoom> = self.get_json(Tree::UserRooms, &k)?;
         self.commit(Batch::new(), |b, pos, _| {
