@@ -465,15 +465,28 @@ async fn run_swarm(
     }
 }
 
-/// Dial `peer` at every address we know for it (the swarm keeps no address book of its own).
+/// Dial `peer` at the addresses we know for it (the swarm keeps no address book of its own):
+/// QUIC first, TCP as the fallback. Left to itself libp2p dials every address at once and keeps
+/// whichever answers first — TCP as often as not; here the QUIC addresses are dialled together
+/// and a TCP address only once one of them has failed.
 fn dial_known(swarm: &mut Swarm<Behaviour>, peers: &PeerTable, peer: PeerId) -> Result<(), String> {
-    let addrs: Vec<Multiaddr> =
+    let mut addrs: Vec<Multiaddr> =
         lock(peers).get(&peer).map(|i| i.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default();
     if addrs.is_empty() {
         return Err("no known address".into());
     }
-    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+    addrs.sort_by_key(|a| !is_quic(a));
+    let quic = addrs.iter().filter(|a| is_quic(a)).count();
+    let factor = std::num::NonZeroU8::new(u8::try_from(quic).unwrap_or(u8::MAX)).unwrap_or(std::num::NonZeroU8::MIN);
+    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+        .override_dial_concurrency_factor(factor)
+        .addresses(addrs)
+        .build();
     swarm.dial(opts).map_err(|e| e.to_string())
+}
+
+fn is_quic(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, Protocol::QuicV1))
 }
 
 fn is_loopback(a: &Multiaddr) -> bool {
