@@ -44,6 +44,8 @@ pub struct DestState {
     pub retry_at_ms: u64,
     /// Last successful delivery (ms).
     pub last_ok_ms: u64,
+    /// Bumped each time the peer comes (back) up ([`Core::peer_up`]).
+    pub link_gen: u64,
 }
 
 /// The sender's shared state.
@@ -105,6 +107,7 @@ impl Core {
             d.failures = 0;
             d.retry_at_ms = 0;
             d.pending = true;
+            d.link_gen = d.link_gen.wrapping_add(1);
         });
         self.sender.wake.notify_one();
     }
@@ -214,6 +217,7 @@ impl Core {
         // Removing delivered PDUs from the queue need not be durable before the next
         // transaction (after a crash they are sent again, and peers ignore duplicates): one
         // flush when the queue is drained or delivery fails.
+        let link_gen = self.sender.with(|m| m.entry(dest.clone()).or_default().link_gen);
         let result = self.with_deferred_flush(self.clone().drain_queue(dest.clone())).await.and_then(|r| r);
         let now = self.now_ms();
         self.sender.with(|m| {
@@ -224,6 +228,13 @@ impl Core {
                     st.failures = 0;
                     st.retry_at_ms = 0;
                     st.last_ok_ms = now;
+                }
+                // The peer came back while this attempt was on its way — typically over the
+                // connection of its previous run, closed once the new one was identified: try
+                // again at once on the new one instead of backing off.
+                Err(_) if st.link_gen != link_gen => {
+                    st.retry_at_ms = 0;
+                    st.pending = true;
                 }
                 Err(_) => {
                     st.failures = st.failures.saturating_add(1);
