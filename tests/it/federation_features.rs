@@ -807,7 +807,11 @@ async fn declining_an_invite_from_another_node_tells_the_room() {
     let carol = User::register(&c, "carol").await;
     let room = shared_room(&alice, &carol, json!({"preset": "private_chat"})).await;
     alice
-        .ok(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), json!({"user_id": bob.id}))
+        .ok(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            json!({"user_id": bob.id}),
+        )
         .await;
     poll("the invite at bob", || async { bob.sync(None, 0).await["rooms"]["invite"][&room].is_object().then_some(()) })
         .await;
@@ -828,6 +832,7 @@ async fn declining_an_invite_from_another_node_tells_the_room() {
     let s = bob.sync(None, 0).await;
     assert!(s["rooms"]["invite"][&room].is_null(), "the invite is gone: {s}");
     // Declining what is no longer there: 404, nothing else changes.
-    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    let (st, r) =
+        bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
     assert!(st == 404 || st == 403, "{st} {r}");
 }

@@ -11,12 +11,7 @@ use std::{
     time::Duration,
 };
 
-use outpost::{
-    core::federation::{BoxFuture, Transport, TransportError},
-    net::local::LocalNetwork,
-    server,
-};
-use ruma::OwnedServerName;
+use outpost::{net::local::LocalNetwork, server};
 use serde_json::{json, Value};
 
 async fn node(net: &Arc<LocalNetwork>) -> (server::Node, tempfile::TempDir) {
@@ -144,30 +139,6 @@ async fn invite_join_and_talk_across_two_nodes() {
     b.stop().await.unwrap();
 }
 
-/// A transport that loses the next `lose` `/send` transactions (armed by the test) and passes
-/// everything else on; `lost` counts those it lost.
-struct LosesTransactions {
-    inner: Arc<dyn Transport>,
-    lose: Arc<AtomicUsize>,
-    lost: Arc<AtomicUsize>,
-}
-
-impl Transport for LosesTransactions {
-    fn send(
-        &self,
-        dest: OwnedServerName,
-        req: http::Request<bytes::Bytes>,
-    ) -> BoxFuture<'static, Result<http::Response<bytes::Bytes>, TransportError>> {
-        let lost = req.uri().path().starts_with("/_matrix/federation/v1/send/")
-            && self.lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-        if lost {
-            self.lost.fetch_add(1, Ordering::SeqCst);
-            return Box::pin(async move { Err(TransportError::Failed(dest, "lost".into())) });
-        }
-        self.inner.send(dest, req)
-    }
-}
-
 /// A transaction that failed is sent again as it was; what was queued while it waited — here
 /// a to-device message between two room messages — must follow it. (The second transaction in
 /// flight used to carry only PDUs and the to-device message stayed queued until something
@@ -177,8 +148,10 @@ async fn a_to_device_message_queued_behind_a_failed_transaction_arrives() {
     let net = LocalNetwork::new();
     let (lose, lost) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (l1, l2) = (lose.clone(), lost.clone());
-    let (a, _da) =
-        common::inproc_node_with(&net, move |inner| Arc::new(LosesTransactions { inner, lose: l1, lost: l2 })).await;
+    let (a, _da) = common::inproc_node_with(&net, move |inner| {
+        Arc::new(common::LosesRequests { inner, path: "/_matrix/federation/v1/send/", lose: l1, lost: l2 })
+    })
+    .await;
     let (b, _db) = node(&net).await;
     let alice = User::register(&a, "alice").await;
     let bob = User::register(&b, "bob").await;

@@ -5,26 +5,14 @@
 
 use crate::common;
 
-use std::{
-    collections::BTreeSet,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use outpost::{
-    core::{
-        federation::{BoxFuture, Transport, TransportError},
-        pdu::PduTemplate,
-        rooms::CreateRoomSpec,
-        Core,
-    },
+    core::{pdu::PduTemplate, rooms::CreateRoomSpec, Core},
     net::local::LocalNetwork,
     server,
 };
-use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId};
+use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId};
 use serde_json::{json, Value};
 
 struct N {
@@ -41,28 +29,6 @@ impl N {
 async fn node(net: &Arc<LocalNetwork>) -> N {
     let (node, dir) = common::inproc_node(net).await;
     N { node, _dir: dir }
-}
-
-/// A transport that loses the first `lose` `get_missing_events` requests (no answer, as over a
-/// lossy link) and passes everything else on.
-struct LosesMissingEvents {
-    inner: Arc<dyn Transport>,
-    lose: AtomicUsize,
-}
-
-impl Transport for LosesMissingEvents {
-    fn send(
-        &self,
-        dest: OwnedServerName,
-        req: http::Request<bytes::Bytes>,
-    ) -> BoxFuture<'static, Result<http::Response<bytes::Bytes>, TransportError>> {
-        let lost = req.uri().path().contains("/get_missing_events/")
-            && self.lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-        if lost {
-            return Box::pin(async move { Err(TransportError::Failed(dest, "lost".into())) });
-        }
-        self.inner.send(dest, req)
-    }
 }
 
 fn state(kind: &str, key: &str, content: Value) -> PduTemplate {
@@ -246,7 +212,7 @@ async fn join_before_its_invite(lose_missing_events_requests_at_b: usize) {
     let net = LocalNetwork::new();
     let a = node(&net).await;
     let (node_b, dir_b) = common::inproc_node_with(&net, |inner| {
-        Arc::new(LosesMissingEvents { inner, lose: AtomicUsize::new(lose_missing_events_requests_at_b) })
+        Arc::new(common::LosesRequests::new(inner, "/get_missing_events/", lose_missing_events_requests_at_b))
     })
     .await;
     let b = N { node: node_b, _dir: dir_b };

@@ -259,27 +259,7 @@ impl Core {
         event_id: &EventId,
         pdu: &RawValue,
     ) -> Result<create_join_event::v2::RoomState> {
-        let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
-        let rules = rules_for(&record.version)?;
-        let signed = self.verify_pdu(&rules, pdu).map_err(Error::BadJson)?;
-        let p = &signed.pdu;
-        let is_join = p.kind == TimelineEventType::RoomMember
-            && p.content_value().get("membership").and_then(|m| m.as_str()) == Some("join");
-        if signed.event_id != event_id
-            || !is_join
-            || p.sender.server_name() != origin
-            || p.state_key.as_deref() != Some(p.sender.as_str())
-        {
-            return Err(Error::BadJson("not a join for a user of the requesting server".into()));
-        }
-        let (_, outcome) = self.handle_incoming_pdu(origin, room, pdu, true).await?;
-        use super::receive::PduOutcome;
-        match outcome {
-            PduOutcome::Accepted | PduOutcome::Duplicate => {}
-            PduOutcome::SoftFailed => return Err(Error::Forbidden("the join fails against the current state".into())),
-            PduOutcome::Rejected(why) => return Err(Error::Forbidden(why)),
-        }
-        let stored = self.stored_pdu(event_id)?.ok_or_else(|| Error::Internal("join vanished".into()))?;
+        let (stored, _) = self.accept_membership_from(origin, room, event_id, pdu, "join").await?;
         let state = self.state_of_group(stored.state_before)?;
         let mut state_pdus = Vec::new();
         for id in state.values() {
@@ -327,6 +307,44 @@ impl Core {
         Ok(rs)
     }
 
+    /// Accept `origin`'s own `membership` event for one of its users, handed to us directly
+    /// (send_join, send_leave): all receipt checks; refused if soft-failed. Returns it as
+    /// stored, and whether we had it already.
+    async fn accept_membership_from(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        event_id: &EventId,
+        pdu: &RawValue,
+        membership: &str,
+    ) -> Result<(crate::core::rooms::StoredPdu, bool)> {
+        let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
+        let rules = rules_for(&record.version)?;
+        let signed = self.verify_pdu(&rules, pdu).map_err(Error::BadJson)?;
+        let p = &signed.pdu;
+        let is_it = p.kind == TimelineEventType::RoomMember
+            && p.content_value().get("membership").and_then(|m| m.as_str()) == Some(membership);
+        if signed.event_id != event_id
+            || !is_it
+            || p.sender.server_name() != origin
+            || p.state_key.as_deref() != Some(p.sender.as_str())
+        {
+            return Err(Error::BadJson(format!("not a {membership} for a user of the requesting server")));
+        }
+        let (_, outcome) = self.handle_incoming_pdu(origin, room, pdu, true).await?;
+        use super::receive::PduOutcome;
+        let duplicate = match outcome {
+            PduOutcome::Accepted => false,
+            PduOutcome::Duplicate => true,
+            PduOutcome::SoftFailed => {
+                return Err(Error::Forbidden(format!("the {membership} fails against the current state")))
+            }
+            PduOutcome::Rejected(why) => return Err(Error::Forbidden(why)),
+        };
+        let stored = self.stored_pdu(event_id)?.ok_or_else(|| Error::Internal(format!("{membership} vanished")))?;
+        Ok((stored, duplicate))
+    }
+
     /// The other servers of `room`, to which an event `origin` gave us directly (send_join,
     /// send_leave) is passed on: `origin` may not be able to reach them.
     fn servers_to_pass_on(&self, room: &RoomId, origin: &ServerName) -> Result<BTreeSet<OwnedServerName>> {
@@ -345,28 +363,10 @@ impl Core {
         event_id: &EventId,
         pdu: &RawValue,
     ) -> Result<()> {
-        let record = self.room(room)?.ok_or_else(|| Error::NotFound("this node is not in that room".into()))?;
-        let rules = rules_for(&record.version)?;
-        let signed = self.verify_pdu(&rules, pdu).map_err(Error::BadJson)?;
-        let p = &signed.pdu;
-        let is_leave = p.kind == TimelineEventType::RoomMember
-            && p.content_value().get("membership").and_then(|m| m.as_str()) == Some("leave");
-        if signed.event_id != event_id
-            || !is_leave
-            || p.sender.server_name() != origin
-            || p.state_key.as_deref() != Some(p.sender.as_str())
-        {
-            return Err(Error::BadJson("not a leave for a user of the requesting server".into()));
+        let (stored, duplicate) = self.accept_membership_from(origin, room, event_id, pdu, "leave").await?;
+        if duplicate {
+            return Ok(());
         }
-        let (_, outcome) = self.handle_incoming_pdu(origin, room, pdu, true).await?;
-        use super::receive::PduOutcome;
-        match outcome {
-            PduOutcome::Accepted => {}
-            PduOutcome::Duplicate => return Ok(()),
-            PduOutcome::SoftFailed => return Err(Error::Forbidden("the leave fails against the current state".into())),
-            PduOutcome::Rejected(why) => return Err(Error::Forbidden(why)),
-        }
-        let stored = self.stored_pdu(event_id)?.ok_or_else(|| Error::Internal("leave vanished".into()))?;
         let dests = self.servers_to_pass_on(room, origin)?;
         let id = event_id.to_owned();
         self.commit(Batch::new(), |b, _, _| {

@@ -597,3 +597,45 @@ pub async fn send_text(room: &matrix_sdk::Room, body: &str) -> matrix_sdk::ruma:
         .response
         .event_id
 }
+
+/// A federation transport that loses (no answer, as over a lossy link) the next `lose` requests
+/// whose path contains `path`, counting them in `lost`, and passes everything else on.
+pub struct LosesRequests {
+    pub inner: std::sync::Arc<dyn outpost::core::federation::Transport>,
+    pub path: &'static str,
+    pub lose: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub lost: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LosesRequests {
+    /// Wraps `inner`, losing the next `lose` requests to `path`.
+    pub fn new(
+        inner: std::sync::Arc<dyn outpost::core::federation::Transport>,
+        path: &'static str,
+        lose: usize,
+    ) -> Self {
+        LosesRequests { inner, path, lose: std::sync::Arc::new(lose.into()), lost: Default::default() }
+    }
+}
+
+impl outpost::core::federation::Transport for LosesRequests {
+    fn send(
+        &self,
+        dest: ruma::OwnedServerName,
+        req: http::Request<bytes::Bytes>,
+    ) -> outpost::core::federation::BoxFuture<
+        'static,
+        Result<http::Response<bytes::Bytes>, outpost::core::federation::TransportError>,
+    > {
+        use std::sync::atomic::Ordering;
+        let lost = req.uri().path().contains(self.path)
+            && self.lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if lost {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            return Box::pin(
+                async move { Err(outpost::core::federation::TransportError::Failed(dest, "lost".into())) },
+            );
+        }
+        self.inner.send(dest, req)
+    }
+}
