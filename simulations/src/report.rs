@@ -116,11 +116,14 @@ fn chart(
             esc(what)
         );
         if label {
+            // A marker in the right half gets its label on its left, so it stays inside.
+            let (x, anchor) = if sx(*t) > ml + pw / 2.0 { (sx(*t) - 2.0, "end") } else { (sx(*t) + 2.0, "start") };
             let _ = writeln!(
                 o,
-                r##"<text x="{:.1}" y="{:.1}" font-size="9" fill="#a44">{}</text>"##,
-                sx(*t) + 2.0,
+                r##"<text x="{:.1}" y="{:.1}" font-size="9" fill="#a44" text-anchor="{}">{}</text>"##,
+                x,
                 mt + 10.0 + (i % 6) as f64 * 10.0,
+                anchor,
                 esc(&what.chars().take(28).collect::<String>())
             );
         }
