@@ -114,6 +114,15 @@ fn a_rejoin_soft_failed_by_the_stale_copy_is_adopted() {
     sim_ok("partition-heal.toml", 21, 5, &[]);
 }
 
+/// A join kept after its answer was lost was sent again to a server that lacked its prev
+/// events; that server asked the joiner (which holds nothing of the room) for the state before
+/// it, got 404, and answered 404 — again and again. `state_ids` now falls back to the room's
+/// other servers.
+#[test]
+fn state_ids_falls_back_to_other_servers() {
+    sim_ok("churn.toml", 39, 20, &[]);
+}
+
 /// Open (simulations/README.md, "Open"): seeds that do not converge today. Partition-heal: an
 /// event one side accepted stays a forward extremity on those servers while the others
 /// soft-failed it or never got it; resolved with it, their state leaves every local member

@@ -345,7 +345,7 @@ impl Core {
         let before_override = if missing.is_empty() {
             None
         } else if fetch != Fetch::Nothing {
-            Some(self.fetch_state_at(origin, room, &rules, &id).await?)
+            Some(self.fetch_state_at_anywhere(origin, room, &rules, &id).await?)
         } else {
             return Ok((id, reject("prev events unknown")));
         };
@@ -675,6 +675,35 @@ impl Core {
             Some(id) => self.pdu(&id)?.map_or(0, |p| p.depth),
             None => 0,
         })
+    }
+
+    /// [`Core::fetch_state_at`] from `origin`, or when it cannot tell (a server joining through
+    /// us holds nothing of the room yet; a server gone) from other servers of the room.
+    async fn fetch_state_at_anywhere(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room: &RoomId,
+        rules: &RoomVersionRules,
+        id: &EventId,
+    ) -> Result<StateMap> {
+        let first = match self.fetch_state_at(origin, room, rules, id).await {
+            Ok(state) => return Ok(state),
+            Err(e) => e,
+        };
+        let helpers: Vec<_> = self
+            .servers_in_room(room)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s != origin && s != self.server_name())
+            .take(MAX_GAP_HELPERS)
+            .collect();
+        for server in helpers {
+            match self.fetch_state_at(&server, room, rules, id).await {
+                Ok(state) => return Ok(state),
+                Err(e) => tracing::info!(%server, %room, event_id = %id, error = %e, "state_ids failed"),
+            }
+        }
+        Err(first)
     }
 
     /// The state before event `id` according to `origin` (`state_ids`), with every event in it
