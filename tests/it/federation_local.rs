@@ -197,3 +197,100 @@ async fn a_to_device_message_queued_behind_a_failed_transaction_arrives() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// Holds the first `/send` once armed until the test releases it, then fails it; on the next
+/// `/send` it notes A's failure count for that destination.
+struct HoldsFirstTransaction {
+    inner: Arc<dyn outpost::core::federation::Transport>,
+    core: Arc<std::sync::OnceLock<Arc<outpost::core::Core>>>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    attempts: AtomicUsize,
+    held: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+    failures_at_retry: Arc<std::sync::Mutex<Option<u32>>>,
+}
+
+impl outpost::core::federation::Transport for HoldsFirstTransaction {
+    fn send(
+        &self,
+        dest: ruma::OwnedServerName,
+        req: http::Request<bytes::Bytes>,
+    ) -> outpost::core::federation::BoxFuture<
+        'static,
+        Result<http::Response<bytes::Bytes>, outpost::core::federation::TransportError>,
+    > {
+        if !self.armed.load(Ordering::SeqCst) || !req.uri().path().starts_with("/_matrix/federation/v1/send/") {
+            return self.inner.send(dest, req);
+        }
+        if self.attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+            let (held, release) = (self.held.clone(), self.release.clone());
+            return Box::pin(async move {
+                held.notify_one();
+                release.notified().await;
+                Err(outpost::core::federation::TransportError::Failed(dest, "old connection closed".into()))
+            });
+        }
+        let mut seen = self.failures_at_retry.lock().unwrap();
+        if seen.is_none() {
+            let core = self.core.get().expect("core set");
+            *seen = core.destinations().unwrap().into_iter().find(|(d, _, _)| *d == dest).map(|(_, st, _)| st.failures);
+        }
+        drop(seen);
+        self.inner.send(dest, req)
+    }
+}
+
+/// A transaction that fails because the peer came back meanwhile (it was on the connection of
+/// the peer's previous run, closed once the new one is identified) is sent again at once: the
+/// peer's return reset the backoff, and the failure must not undo that (it cost every
+/// reconnection a 1 s wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_failing_while_the_peer_comes_back_is_retried_without_backoff() {
+    let net = LocalNetwork::new();
+    let core_cell = Arc::new(std::sync::OnceLock::new());
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (held, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let failures_at_retry = Arc::new(std::sync::Mutex::new(None));
+    let (c, arm, h, rel, seen) =
+        (core_cell.clone(), armed.clone(), held.clone(), release.clone(), failures_at_retry.clone());
+    let (a, _da) = common::inproc_node_with(&net, move |inner| {
+        Arc::new(HoldsFirstTransaction {
+            inner,
+            core: c,
+            armed: arm,
+            attempts: AtomicUsize::new(0),
+            held: h,
+            release: rel,
+            failures_at_retry: seen,
+        })
+    })
+    .await;
+    core_cell.set(a.core.clone()).ok();
+    let (b, _db) = node(&net).await;
+    let alice = User::register(&a, "alice").await;
+    let bob = User::register(&b, "bob").await;
+    let (_, r) = alice.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", json!({})).await;
+    let room = r["room_id"].as_str().unwrap().to_owned();
+    let (st, r) = alice
+        .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/invite"), json!({"user_id": bob.id}))
+        .await;
+    assert_eq!(st, 200, "invite: {r}");
+    bob.wait_for("the invite", |s| s["rooms"]["invite"][&room].is_object()).await;
+    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), json!({})).await;
+    assert_eq!(st, 200, "join: {r}");
+    alice.wait_for("bob's join", |s| s["rooms"]["join"][&room]["timeline"].is_object()).await;
+
+    armed.store(true, Ordering::SeqCst);
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/m0");
+    let (st, _) = alice.call(reqwest::Method::PUT, &path, json!({"msgtype": "m.text", "body": "across"})).await;
+    assert_eq!(st, 200);
+    tokio::time::timeout(Duration::from_secs(20), held.notified()).await.expect("the transaction was sent");
+    // B comes back (a new connection, identified) while the transaction is on its way; then the
+    // transaction fails.
+    a.core.peer_up(b.core.server_name());
+    release.notify_one();
+    bob.wait_for("the message", |s| timeline_bodies(s, &room).contains(&"across".to_owned())).await;
+    assert_eq!(*failures_at_retry.lock().unwrap(), Some(0), "A backed off before sending it again");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
