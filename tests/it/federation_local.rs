@@ -75,6 +75,21 @@ impl User {
     }
 }
 
+/// A room alice creates, invites bob to, and bob joins; returned once alice's node has the join.
+async fn alice_invites_bob(alice: &User, bob: &User) -> String {
+    let (_, r) = alice.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", json!({})).await;
+    let room = r["room_id"].as_str().unwrap().to_owned();
+    let (st, r) = alice
+        .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/invite"), json!({"user_id": bob.id}))
+        .await;
+    assert_eq!(st, 200, "invite: {r}");
+    bob.wait_for("the invite", |s| s["rooms"]["invite"][&room].is_object()).await;
+    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), json!({})).await;
+    assert_eq!(st, 200, "join: {r}");
+    alice.wait_for("bob's join", |s| s["rooms"]["join"][&room]["timeline"].is_object()).await;
+    room
+}
+
 fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
     sync["rooms"]["join"][room]["timeline"]["events"]
         .as_array()
@@ -155,16 +170,7 @@ async fn a_to_device_message_queued_behind_a_failed_transaction_arrives() {
     let (b, _db) = node(&net).await;
     let alice = User::register(&a, "alice").await;
     let bob = User::register(&b, "bob").await;
-    let (_, r) = alice.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", json!({})).await;
-    let room = r["room_id"].as_str().unwrap().to_owned();
-    let (st, r) = alice
-        .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/invite"), json!({"user_id": bob.id}))
-        .await;
-    assert_eq!(st, 200, "invite: {r}");
-    bob.wait_for("the invite", |s| s["rooms"]["invite"][&room].is_object()).await;
-    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), json!({})).await;
-    assert_eq!(st, 200, "join: {r}");
-    alice.wait_for("bob's join", |s| s["rooms"]["join"][&room]["timeline"].is_object()).await;
+    let room = alice_invites_bob(&alice, &bob).await;
     let send = |i: u32| {
         let (alice, path) = (&alice, format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/m{i}"));
         async move {
@@ -269,16 +275,7 @@ async fn a_transaction_failing_while_the_peer_comes_back_is_retried_without_back
     let (b, _db) = node(&net).await;
     let alice = User::register(&a, "alice").await;
     let bob = User::register(&b, "bob").await;
-    let (_, r) = alice.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", json!({})).await;
-    let room = r["room_id"].as_str().unwrap().to_owned();
-    let (st, r) = alice
-        .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/invite"), json!({"user_id": bob.id}))
-        .await;
-    assert_eq!(st, 200, "invite: {r}");
-    bob.wait_for("the invite", |s| s["rooms"]["invite"][&room].is_object()).await;
-    let (st, r) = bob.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), json!({})).await;
-    assert_eq!(st, 200, "join: {r}");
-    alice.wait_for("bob's join", |s| s["rooms"]["join"][&room]["timeline"].is_object()).await;
+    let room = alice_invites_bob(&alice, &bob).await;
 
     armed.store(true, Ordering::SeqCst);
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/m0");

@@ -513,10 +513,7 @@ impl Core {
         let mut got: BTreeMap<OwnedEventId, SignedPdu> = BTreeMap::new();
         let mut unreachable = None;
         let mut servers = vec![origin.to_owned()];
-        if let Ok(in_room) = self.servers_in_room(room) {
-            servers
-                .extend(in_room.into_iter().filter(|s| s != origin && s != self.server_name()).take(MAX_GAP_HELPERS));
-        }
+        servers.extend(self.helper_servers(room, origin));
         'servers: for server in &servers {
             for _round in 0..MAX_GAP_ROUNDS {
                 let want = self.gap_wanted(room, pdu, &got, min_depth)?;
@@ -677,6 +674,17 @@ impl Core {
         })
     }
 
+    /// Servers of `room` besides `origin` and us that are asked for what `origin` could not
+    /// give (at most [`MAX_GAP_HELPERS`]).
+    fn helper_servers(&self, room: &RoomId, origin: &ServerName) -> Vec<ruma::OwnedServerName> {
+        self.servers_in_room(room)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s != origin && s != self.server_name())
+            .take(MAX_GAP_HELPERS)
+            .collect()
+    }
+
     /// [`Core::fetch_state_at`] from `origin`, or when it cannot tell (a server joining through
     /// us holds nothing of the room yet; a server gone) from other servers of the room.
     async fn fetch_state_at_anywhere(
@@ -690,14 +698,7 @@ impl Core {
             Ok(state) => return Ok(state),
             Err(e) => e,
         };
-        let helpers: Vec<_> = self
-            .servers_in_room(room)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| s != origin && s != self.server_name())
-            .take(MAX_GAP_HELPERS)
-            .collect();
-        for server in helpers {
+        for server in self.helper_servers(room, origin) {
             match self.fetch_state_at(&server, room, rules, id).await {
                 Ok(state) => return Ok(state),
                 Err(e) => tracing::info!(%server, %room, event_id = %id, error = %e, "state_ids failed"),
