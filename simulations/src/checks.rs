@@ -581,6 +581,8 @@ fn dump(w: &World, room: Option<&ruma::OwnedRoomId>) {
             .flatten()
             .map(|p| p.content_value()["join_rule"].to_string());
         let exts = core.extremities(room).unwrap_or_default();
+        let exts_all = exts.clone();
+        let exts_len = exts.len();
         eprintln!("node {i}: join_rule {jr:?} extremities {} members {}", exts.len(), members.join(" "));
         for e in exts {
             let Ok(Some(st)) = core.stored_pdu(&e) else { continue };
@@ -616,6 +618,62 @@ fn dump(w: &World, room: Option<&ruma::OwnedRoomId>) {
                 elsewhere.join(" ")
             );
         }
+        if exts_len > 1 {
+            dump_conflicts(w, &core, &state, &exts_all);
+        }
+    }
+}
+
+/// For a forked node: every `(type, state_key)` on which the states after its forward
+/// extremities differ, each side's event, and what the resolution (the node's current state)
+/// chose.
+fn dump_conflicts(
+    w: &World,
+    core: &outpost::core::Core,
+    resolved: &outpost::core::state::StateMap,
+    exts: &[ruma::OwnedEventId],
+) {
+    let describe = |id: Option<&ruma::OwnedEventId>| -> String {
+        let Some(id) = id else { return "-".to_owned() };
+        let Some(p) = core.pdu(id).ok().flatten() else { return format!("{id} (unknown)") };
+        let c = p.content_value();
+        let what = match p.kind.to_string().as_str() {
+            "m.room.member" => c["membership"].to_string(),
+            "m.room.join_rules" => c["join_rule"].to_string(),
+            "m.room.power_levels" => c["users"].to_string().chars().take(60).collect(),
+            _ => String::new(),
+        };
+        let who = w.sh.users.iter().position(|u| *u == p.sender).map(|x| x.to_string()).unwrap_or_default();
+        let st = core.stored_pdu(id).ok().flatten();
+        format!(
+            "{} {what} by u{who} depth {} ts {}{}",
+            &id.as_str()[..8],
+            p.depth,
+            u64::from(p.origin_server_ts.get()) % 1_000_000,
+            st.map(|s| if s.soft_failed {
+                " (soft-failed)"
+            } else if s.outlier {
+                " (outlier)"
+            } else {
+                ""
+            })
+            .unwrap_or("")
+        )
+    };
+    let states: Vec<_> =
+        exts.iter().filter_map(|e| core.stored_pdu(e).ok().flatten().and_then(|s| core.state_after(&s).ok())).collect();
+    let keys: BTreeSet<_> = states.iter().flat_map(|s| s.keys().cloned()).collect();
+    for k in keys {
+        let vals: Vec<_> = states.iter().map(|s| s.get(&k)).collect();
+        if vals.iter().all(|v| *v == vals[0]) {
+            continue;
+        }
+        let key = w.sh.users.iter().position(|u| u.as_str() == k.1).map(|x| format!("u{x}")).unwrap_or(k.1.clone());
+        eprintln!("      conflict {} {key}:", k.0);
+        for (e, v) in exts.iter().zip(&vals) {
+            eprintln!("        after {}: {}", &e.as_str()[..8], describe(*v));
+        }
+        eprintln!("        resolved: {}", describe(resolved.get(&k)));
     }
 }
 
