@@ -236,6 +236,9 @@ pub struct Core {
     pub(crate) joining: StdMutex<BTreeMap<OwnedRoomId, usize>>,
     /// Joins sent with `send_join` whose answer never came (see `federation::join`).
     pub(crate) unanswered_joins: StdMutex<BTreeMap<OwnedRoomId, federation::join::UnansweredJoin>>,
+    /// Servers a resolution of this node's forward extremities let out of a room, until when
+    /// they may still read its history (see `federation::serve`).
+    pub(crate) let_out: StdMutex<BTreeMap<(OwnedRoomId, ruma::OwnedServerName), u64>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -315,6 +318,7 @@ impl Core {
             unread_memo: Default::default(),
             joining: StdMutex::new(BTreeMap::new()),
             unanswered_joins: StdMutex::new(BTreeMap::new()),
+            let_out: StdMutex::new(BTreeMap::new()),
         }))
     }
 

@@ -489,7 +489,27 @@ impl Core {
             //   everyone soft-fails. Our extremities, this event among them, let it resolve
             //   the same state.
             let (entering, mut leaving) = self.servers_changing(&room_map, &new_room_map, &in_batch)?;
-            leaving.remove(pdu.sender.server_name());
+            // The sender's server knows it is out when this event itself takes its user out
+            // (a leave); not when the resolution does (its rejoin on a stale copy merged with
+            // a branch where the user may not join): then it must be told like any other.
+            let own_leave = pdu.kind == TimelineEventType::RoomMember
+                && pdu.state_key.as_deref() == Some(pdu.sender.as_str())
+                && pdu.content_value().get("membership").and_then(|m| m.as_str()) != Some("join");
+            if own_leave {
+                leaving.remove(pdu.sender.server_name());
+            }
+            // Let out by the resolution rather than by this event (a kick, a ban or a leave of
+            // one of its users, which reaches it as any membership event does): it may read on
+            // and is sent our events for a while, to settle with the room.
+            let about = (pdu.kind == TimelineEventType::RoomMember)
+                .then(|| pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()))
+                .flatten()
+                .map(|u| u.server_name().to_owned());
+            for s in &leaving {
+                if about.as_ref() != Some(s) && !self.has_banned_member(&new_room_map, s, &in_batch)? {
+                    self.note_let_out(room_id, s);
+                }
+            }
             if !entering.is_empty() || !leaving.is_empty() {
                 let superseded = self.superseded_by(&pdu.prev_events)?;
                 let dropped = |e: &EventId| {
@@ -637,6 +657,30 @@ impl Core {
         entering.extend(after.difference(&before).cloned());
         leaving.extend(before.difference(&after).cloned());
         Ok((entering, leaving))
+    }
+
+    /// Whether some user of `server` is banned in `state`.
+    fn has_banned_member(
+        &self,
+        state: &StateMap,
+        server: &ruma::ServerName,
+        in_batch: &dyn Fn(&EventId) -> Option<Pdu>,
+    ) -> Result<bool> {
+        for ((t, k), id) in state.range(("m.room.member".to_owned(), String::new())..) {
+            if t != "m.room.member" {
+                break;
+            }
+            if UserId::parse(k.as_str()).ok().is_some_and(|u| u.server_name() == server) {
+                let p = match in_batch(id) {
+                    Some(p) => Some(p),
+                    None => self.pdu(id)?,
+                };
+                if p.is_some_and(|p| p.content_value().get("membership").and_then(|m| m.as_str()) == Some("ban")) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Record, for local users, every membership that differs between two room states.
@@ -801,7 +845,7 @@ impl Core {
     /// extremity once it is stored. Without looking through soft-failed events, the event a
     /// soft-failed one was built on would stay an extremity for good, and its (old) state
     /// would be resolved against the present forever after.
-    fn superseded_by(&self, prev_events: &[OwnedEventId]) -> Result<BTreeSet<OwnedEventId>> {
+    pub(crate) fn superseded_by(&self, prev_events: &[OwnedEventId]) -> Result<BTreeSet<OwnedEventId>> {
         let mut out: BTreeSet<OwnedEventId> = BTreeSet::new();
         let mut todo: Vec<OwnedEventId> = prev_events.to_vec();
         while let Some(id) = todo.pop() {
@@ -1124,6 +1168,11 @@ impl Core {
 
     /// Start keeping a room this node just joined through another server: `state` is the
     /// room's state before our `join` (from send_join, its events already stored as outliers).
+    ///
+    /// `resident_rejected`: forward extremities of our stale copy that the room judged and
+    /// went on without (soft-failed or set aside there, see `finish_join`); they stop being
+    /// extremities here too.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn adopt_room(
         &self,
         room_id: &RoomId,
@@ -1132,6 +1181,7 @@ impl Core {
         state: StateMap,
         join: SignedPdu,
         stale_copy: bool,
+        resident_rejected: Vec<OwnedEventId>,
     ) -> Result<()> {
         let lock = self.room_lock(&room_id.to_owned());
         let _guard = lock.lock().await;
@@ -1179,7 +1229,15 @@ impl Core {
             // Our copy, caught up; or a concurrent join by another local user.
             Some(_) => {
                 let mut ctx = self.room_ctx(room_id)?;
-                let dropped = if stale_copy { self.rejected_own_extremities(&ctx, &join, &after)? } else { Vec::new() };
+                let mut dropped = resident_rejected;
+                dropped.retain(|e| ctx.extremities.contains(e));
+                for d in &dropped {
+                    tracing::info!(room = %room_id, event_id = %d, "an extremity of our copy the room went on without; no longer a forward extremity");
+                }
+                ctx.extremities.retain(|e| !dropped.contains(e));
+                if stale_copy {
+                    dropped.extend(self.rejected_own_extremities(&ctx, &join, &after)?);
+                }
                 ctx.extremities.retain(|e| !dropped.contains(e));
                 let probe = Prepared {
                     signed: join.clone(),

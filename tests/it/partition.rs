@@ -294,3 +294,65 @@ async fn a_gap_longer_than_one_missing_events_answer_is_filled() {
         n.node.stop().await.unwrap();
     }
 }
+
+/// The verdicts extension (`core::federation::verdicts`): what a server made of events, as a
+/// rejoining server asks it of its stale copy's forward extremities. Bob's message sent beside
+/// his ban reaches A after the ban and is soft-failed there; A tells C so, and tells of a
+/// forward extremity, an event built on and one it does not hold; bob's server, out of the room
+/// by a ban, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resident_says_what_it_made_of_events() {
+    use outpost::core::federation::verdicts::{v1, Verdict};
+    let net = LocalNetwork::new();
+    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
+    let alice = a.core().register("alice", None).await.unwrap();
+    let bob = b.core().register("bob", None).await.unwrap();
+    let carol = c.core().register("carol", None).await.unwrap();
+    let spec = CreateRoomSpec { preset: Some("public_chat".into()), ..Default::default() };
+    let room = a.core().create_room(&alice, spec).await.unwrap();
+    let via = vec![a.core().server_name().to_owned()];
+    b.core().join_remote(&bob, &room, &via).await.unwrap();
+    c.core().join_remote(&carol, &room, &via).await.unwrap();
+    eventually("every join everywhere", || {
+        let s = [&a, &b, &c].map(|n| n.core().current_state(&room).unwrap());
+        (s[0] == s[1] && s[1] == s[2]).then_some(())
+    })
+    .await;
+    // B apart; alice bans bob while bob talks.
+    for other in [a.core().server_name(), c.core().server_name()] {
+        net.set_link(b.core().server_name(), other, false);
+    }
+    a.core().set_membership(&alice, &room, &bob, "ban", None, None).await.unwrap();
+    let beside = b.core().send_event(&bob, None, &room, msg("sent beside the ban"), None).await.unwrap();
+    for other in [a.core().server_name(), c.core().server_name()] {
+        net.set_link(b.core().server_name(), other, true);
+    }
+    eventually("bob's message soft-failed at A", || {
+        a.core().stored_pdu(&beside).unwrap().filter(|s| s.soft_failed).map(|_| ())
+    })
+    .await;
+
+    let tip = a.core().extremities(&room).unwrap().remove(0);
+    let create = a.core().room(&room).unwrap().unwrap().create_event;
+    let unknown = OwnedEventId::try_from("$abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ").unwrap();
+    let asked = vec![beside.clone(), tip.clone(), create.clone(), unknown.clone()];
+    let res = c
+        .core()
+        .federation_request(a.core().server_name(), v1::Request::new(room.clone(), asked.clone()))
+        .await
+        .unwrap();
+    assert_eq!(res.verdicts.get(&beside), Some(&Verdict::SoftFailed));
+    assert_eq!(res.verdicts.get(&tip), Some(&Verdict::Extremity));
+    assert_eq!(res.verdicts.get(&create), Some(&Verdict::BuiltOn));
+    assert_eq!(res.verdicts.get(&unknown), Some(&Verdict::Unknown));
+    // Bob's server is out of the room (banned): no answer for it.
+    let refused = b.core().federation_request(a.core().server_name(), v1::Request::new(room.clone(), asked)).await;
+    assert!(matches!(refused, Err(outpost::core::Error::Forbidden(_))), "{refused:?}");
+    // More than 20 events at once: 413.
+    let many = vec![tip; 21];
+    let too_many = c.core().federation_request(a.core().server_name(), v1::Request::new(room.clone(), many)).await;
+    assert!(too_many.as_ref().is_err_and(|e| e.to_string().contains("413")), "{too_many:?}");
+    for n in [a, b, c] {
+        n.node.stop().await.unwrap();
+    }
+}

@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
     let r = ruma_route!(r, f::backfill::get_backfill::v1::Request, transactions::get_backfill_route);
     let r = ruma_route!(r, f::event::get_room_state_ids::v1::Request, transactions::get_room_state_ids_route);
     let r = ruma_route!(r, f::event::get_room_state::v1::Request, transactions::get_room_state_route);
+    let r = ruma_route!(r, crate::core::federation::verdicts::v1::Request, transactions::get_verdicts_route);
     let r = ruma_route!(r, f::membership::prepare_join_event::v1::Request, membership::prepare_join_event_route);
     let r = ruma_route!(r, f::membership::create_join_event::v2::Request, membership::create_join_event_route);
     let r = ruma_route!(r, f::membership::prepare_leave_event::v1::Request, membership::prepare_leave_event_route);

@@ -91,3 +91,15 @@ pub async fn get_room_state_route(
     let (pdus, auth_chain) = s.core.state_for_server(origin, &body.body.room_id, &body.body.event_id)?;
     Ok(Json(json!({"pdus": pdus, "auth_chain": auth_chain})))
 }
+
+/// # `POST /_matrix/federation/unstable/org.outpost.verdicts/{roomId}`
+///
+/// What this server made of some events (an outpost extension, see `core::federation::verdicts`).
+pub async fn get_verdicts_route(
+    State(s): State<AppState>,
+    body: Ruma<crate::core::federation::verdicts::v1::Request>,
+) -> ApiResult<Json<Value>> {
+    let origin = body.origin()?;
+    let verdicts = s.core.verdicts_for_server(origin, &body.body.room_id, &body.body.event_ids)?;
+    Ok(Json(json!({ "verdicts": verdicts })))
+}

@@ -342,6 +342,18 @@ impl Core {
             PduOutcome::Rejected(why) => return Err(Error::Forbidden(why)),
         };
         let stored = self.stored_pdu(event_id)?.ok_or_else(|| Error::Internal(format!("{membership} vanished")))?;
+        // A join sent again (its first answer was lost) that we soft-failed the first time is
+        // a duplicate, but no more accepted than then.
+        if stored.soft_failed {
+            return Err(Error::Forbidden(format!("the {membership} fails against the current state")));
+        }
+        // Accepted, but lost in the resolution of the room's state (it merged with a branch
+        // where the user may not join): answering 200 would have the joiner believe it is in
+        // the room while everyone else counts it out — and, counted out, it would hear from
+        // nobody. It tries again instead, on the room's present.
+        if membership == "join" && self.membership(room, &p.sender)?.as_deref() != Some("join") {
+            return Err(Error::Forbidden("the join does not stand in the room's current state".into()));
+        }
         Ok((stored, duplicate))
     }
 
@@ -588,11 +600,70 @@ impl Core {
                 }
             }
         }
-        self.adopt_room(room, &version, create, state, join, stale_copy).await?;
+        // Our copy's forward extremities the join does not build on: either news to the room
+        // (a branch it has not seen), or events it judged and went on from or without — built
+        // on (through history our copy lacks or soft-failed), soft-failed or set aside there,
+        // typically a stale branch whose state would reset the room's (a join or message made
+        // on a resident's extremities just after a partition healed, which the room then went
+        // on from without it). Kept, the latter would hold our state apart from the room's for
+        // good, often with our user out of the room again. The resident and a few other
+        // servers of the room say which (verdicts.rs): one that some settled and none holds as
+        // a forward extremity stops being one here too.
+        let mut resident_rejected = Vec::new();
+        if stale_copy {
+            let superseded = self.superseded_by(&join.pdu.prev_events)?;
+            let ours: Vec<OwnedEventId> = self
+                .extremities(room)?
+                .into_iter()
+                .filter(|e| !superseded.contains(e))
+                .take(super::verdicts::MAX_VERDICTS)
+                .collect();
+            if !ours.is_empty() {
+                let mut asked: Vec<OwnedServerName> = vec![server.to_owned()];
+                let in_state = self.servers_in_state(&state, &|_| None)?;
+                asked.extend(
+                    in_state
+                        .into_iter()
+                        .filter(|s| s != server && s != self.server_name())
+                        .take(MAX_VERDICT_SERVERS - 1),
+                );
+                let mut settled: BTreeSet<OwnedEventId> = BTreeSet::new();
+                let mut open: BTreeSet<OwnedEventId> = BTreeSet::new();
+                for s in &asked {
+                    let req = super::verdicts::v1::Request::new(room.to_owned(), ours.clone());
+                    match self.federation_request(s, req).await {
+                        Ok(res) => {
+                            for (e, v) in res.verdicts {
+                                if v.settled() {
+                                    settled.insert(e);
+                                } else if v == super::verdicts::Verdict::Extremity {
+                                    open.insert(e);
+                                }
+                            }
+                        }
+                        // An older node without the extension, or an answer lost.
+                        Err(e) => tracing::debug!(%room, via = %s, error = %e, "no verdicts on our extremities"),
+                    }
+                }
+                resident_rejected.extend(settled.into_iter().filter(|e| !open.contains(e)));
+            }
+        }
+        let user = join.pdu.sender.clone();
+        self.adopt_room(room, &version, create, state, join, stale_copy, resident_rejected).await?;
+        // The resident took the join, but our copy may count it out (it reached us through the
+        // room first and lost in the resolution of our state): the user is not in the room
+        // here, and a 200 would say they are. The caller tries again (next server, or later),
+        // on the room's present.
+        if self.membership(room, &user)?.as_deref() != Some("join") {
+            return Err(Error::Forbidden("the join was lost in the resolution of the room's state; try again".into()));
+        }
         Ok(room.to_owned())
     }
 }
 
+/// Servers asked what they made of a stale copy's forward extremities when rejoining (the
+/// resident first; see `finish_join`).
+const MAX_VERDICT_SERVERS: usize = 4;
 /// Most unanswered joins remembered (one per room).
 const UNANSWERED_JOINS_MAX: usize = 64;
 /// How long an unanswered join is worth sending again.

@@ -14,6 +14,7 @@
 //!   `user/devices`, `user/keys/query`, `user/keys/claim`).
 //! - `query.rs`: remote profiles and room directories.
 //! - `media.rs`: media of other servers, fetched and cached.
+//! - `verdicts.rs`: what a resident made of events (soft-failed or not), for a rejoining server.
 
 pub mod edu;
 pub mod join;
@@ -24,6 +25,7 @@ pub mod query;
 pub mod receive;
 pub mod sender;
 pub mod serve;
+pub mod verdicts;
 
 use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 

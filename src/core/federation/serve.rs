@@ -9,13 +9,30 @@ use crate::core::{pdu::Pdu, Core, Error, Result};
 
 /// Most events one `get_missing_events` or `backfill` answer carries.
 pub const MAX_EVENTS_PER_ANSWER: usize = 100;
+/// Prev events of an event looked at to tell whether a server was in the room just before it.
+const MAX_PREV_EVENTS_CHECKED: usize = 20;
+/// How long a server a resolution let out of a room may still read its history.
+pub const LET_OUT_READ_MS: u64 = 10 * 60 * 1000;
+/// Most such grants kept (the oldest go first).
+const LET_OUT_MAX: usize = 1024;
 
 impl Core {
     /// Fail unless `origin` has a joined member in `room`, or had one just before or after
-    /// `at`, or `at` is a membership event about one of its users (a server that was kicked or
-    /// banned, or is being let back in, must be able to fetch the history leading to that).
+    /// `at` — on any branch `at` merges, i.e. after one of its prev events — or `at` is a
+    /// membership event about one of its users (a server that was kicked or banned, or is
+    /// being let back in, must be able to fetch the history leading to that; so must one that
+    /// a merge of branches put out of the room, which is told so by that merge and cannot
+    /// know it otherwise).
+    ///
+    /// A server that a resolution of our forward extremities let out of the room (not a kick
+    /// or ban: see [`Core::note_let_out`]) may read its history for [`LET_OUT_READ_MS`] after:
+    /// we send it our extremities so that it learns it is out, and it must be able to fetch
+    /// what lies behind them — it holds our old state, in which it was in.
     pub fn require_server_in_room(&self, origin: &ServerName, room: &RoomId, at: Option<&EventId>) -> Result<()> {
         if self.servers_in_room(room)?.contains(origin) {
+            return Ok(());
+        }
+        if self.may_read_after_let_out(room, origin) {
             return Ok(());
         }
         if let Some(e) = at {
@@ -35,9 +52,51 @@ impl Core {
                         return Ok(());
                     }
                 }
+                if !stored.outlier {
+                    let prevs = Pdu::from_json(e.to_owned(), &stored.json)?.prev_events;
+                    for prev in prevs.iter().take(MAX_PREV_EVENTS_CHECKED) {
+                        let Some(ps) = self.stored_pdu(prev)? else { continue };
+                        if ps.outlier {
+                            continue;
+                        }
+                        let st = self.state_after(&ps)?;
+                        if self.servers_in_state(&st, &|_| None)?.contains(origin) {
+                            return Ok(());
+                        }
+                    }
+                }
             }
         }
         Err(Error::Forbidden(format!("{origin} is not in room {room}")))
+    }
+
+    /// Record that a resolution of our state let `server` out of `room` (it has no joined
+    /// member left and none of its users is banned): it may read the room's history for
+    /// [`LET_OUT_READ_MS`] (see [`Core::require_server_in_room`]).
+    pub(crate) fn note_let_out(&self, room: &RoomId, server: &ServerName) {
+        let until = self.now_ms().saturating_add(LET_OUT_READ_MS);
+        let mut m = self.let_out.lock().unwrap_or_else(|e| e.into_inner());
+        let k = (room.to_owned(), server.to_owned());
+        if m.len() >= LET_OUT_MAX && !m.contains_key(&k) {
+            if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
+                m.remove(&oldest);
+            }
+        }
+        m.insert(k, until);
+    }
+
+    fn may_read_after_let_out(&self, room: &RoomId, server: &ServerName) -> bool {
+        let now = self.now_ms();
+        let mut m = self.let_out.lock().unwrap_or_else(|e| e.into_inner());
+        let k = (room.to_owned(), server.to_owned());
+        match m.get(&k) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                m.remove(&k);
+                false
+            }
+            None => false,
+        }
     }
 
     fn raw_pdu(&self, id: &EventId) -> Result<Option<(Pdu, Box<RawValue>)>> {
