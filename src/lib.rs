@@ -24,7 +24,9 @@
 //! - `core/federation/` — the server-server protocol: `sender.rs` (durable queues, transactions),
 //!   `receive.rs` (PDU receipt checks), `join.rs`, `serve.rs`, `edu.rs` (typing, receipts,
 //!   device lists, to-device as EDUs), `keys.rs` (keys across servers, cached remote device
-//!   lists), `query.rs` (remote profiles and directories), `media.rs` (remote media cache).
+//!   lists), `query.rs` (remote profiles and directories), `media.rs` (remote media cache),
+//!   `merge.rs` (dummy events merging forks), `verdicts.rs` (what a server made of events — an
+//!   outpost extension a rejoining server asks).
 //! - `api/` — HTTP: `ruma_wrapper.rs` (request extractor), `error.rs` (errors → Matrix
 //!   errors, in one place), `client/<spec area>.rs` (handlers `*_route`; `uiaa.rs` is the
 //!   password stage of user-interactive auth), `server.rs` (server keys), `outpost.rs`
