@@ -248,17 +248,20 @@ async fn join_before_its_invite(lose_missing_events_requests_at_b: usize) {
     }
 }
 
-/// Found by the real-stack run's long form: after a long partition an event arrives whose
-/// missing history is longer than one `get_missing_events` answer (100 events). The oldest
-/// events of the answer could not connect, so every one of them was rejected ("prev events
-/// unknown") and the event was accepted over a gap through `state_ids` — and the same futile
-/// round trip was repeated for each event of each transaction until the origins' own queues
-/// delivered the history (over a minute at 2 Mbit/s). The gap is now followed back, a bounded
-/// number of answers deep, and filled from whoever sent the event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gap_longer_than_one_missing_events_answer_is_filled() {
-    let net = LocalNetwork::new();
-    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
+/// Three nodes, alice on A, bob on B, carol on C, in a public room alice made, once every
+/// node has every join.
+struct Three {
+    a: N,
+    b: N,
+    c: N,
+    alice: OwnedUserId,
+    bob: OwnedUserId,
+    carol: OwnedUserId,
+    room: OwnedRoomId,
+}
+
+async fn three_in_a_public_room(net: &Arc<LocalNetwork>) -> Three {
+    let (a, b, c) = (node(net).await, node(net).await, node(net).await);
     let alice = a.core().register("alice", None).await.unwrap();
     let bob = b.core().register("bob", None).await.unwrap();
     let carol = c.core().register("carol", None).await.unwrap();
@@ -272,6 +275,20 @@ async fn a_gap_longer_than_one_missing_events_answer_is_filled() {
         (s[0] == s[1] && s[1] == s[2]).then_some(())
     })
     .await;
+    Three { a, b, c, alice, bob, carol, room }
+}
+
+/// Found by the real-stack run's long form: after a long partition an event arrives whose
+/// missing history is longer than one `get_missing_events` answer (100 events). The oldest
+/// events of the answer could not connect, so every one of them was rejected ("prev events
+/// unknown") and the event was accepted over a gap through `state_ids` — and the same futile
+/// round trip was repeated for each event of each transaction until the origins' own queues
+/// delivered the history (over a minute at 2 Mbit/s). The gap is now followed back, a bounded
+/// number of answers deep, and filled from whoever sent the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_longer_than_one_missing_events_answer_is_filled() {
+    let net = LocalNetwork::new();
+    let Three { a, b, c, alice, bob, carol, room } = three_in_a_public_room(&net).await;
     // A cannot reach B; A's messages reach C only.
     net.set_link(a.core().server_name(), b.core().server_name(), false);
     let mut sent = Vec::new();
@@ -304,20 +321,7 @@ async fn a_gap_longer_than_one_missing_events_answer_is_filled() {
 async fn a_resident_says_what_it_made_of_events() {
     use outpost::core::federation::verdicts::{v1, Verdict};
     let net = LocalNetwork::new();
-    let (a, b, c) = (node(&net).await, node(&net).await, node(&net).await);
-    let alice = a.core().register("alice", None).await.unwrap();
-    let bob = b.core().register("bob", None).await.unwrap();
-    let carol = c.core().register("carol", None).await.unwrap();
-    let spec = CreateRoomSpec { preset: Some("public_chat".into()), ..Default::default() };
-    let room = a.core().create_room(&alice, spec).await.unwrap();
-    let via = vec![a.core().server_name().to_owned()];
-    b.core().join_remote(&bob, &room, &via).await.unwrap();
-    c.core().join_remote(&carol, &room, &via).await.unwrap();
-    eventually("every join everywhere", || {
-        let s = [&a, &b, &c].map(|n| n.core().current_state(&room).unwrap());
-        (s[0] == s[1] && s[1] == s[2]).then_some(())
-    })
-    .await;
+    let Three { a, b, c, alice, bob, carol: _, room } = three_in_a_public_room(&net).await;
     // B apart; alice bans bob while bob talks.
     for other in [a.core().server_name(), c.core().server_name()] {
         net.set_link(b.core().server_name(), other, false);
