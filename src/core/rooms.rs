@@ -473,6 +473,7 @@ impl Core {
                         dests.insert(t.server_name().to_owned());
                     }
                 }
+                dests.extend(self.let_out_servers(room_id));
                 dests.remove(self.server_name());
                 self.enqueue_pdu(batch, &dests, pos, id);
                 all_dests.extend(dests);
@@ -500,7 +501,8 @@ impl Core {
             }
             // Let out by the resolution rather than by this event (a kick, a ban or a leave of
             // one of its users, which reaches it as any membership event does): it may read on
-            // and is sent our events for a while, to settle with the room.
+            // and is sent our events for a while, to settle with the room (see
+            // `federation::serve`).
             let about = (pdu.kind == TimelineEventType::RoomMember)
                 .then(|| pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()))
                 .flatten()

@@ -250,3 +250,28 @@ async fn unread_count_drops_a_redacted_event() {
     core.send_event(&alice, None, &room, t, None).await.unwrap();
     assert_eq!(count(&core), 1, "the redacted message no longer counts (the redaction itself does not notify)");
 }
+
+/// A server a resolution let out may read the room's history for a while, and is sent what our
+/// users send meanwhile; a server that was never in the room reads nothing.
+#[tokio::test]
+async fn let_out_servers_may_read_and_are_sent_our_events_strangers_not() {
+    let (core, alice, _bob, room) = setup(RoomVersionId::V12).await;
+    let id = core.send_event(&alice, None, &room, msg("plan"), None).await.unwrap();
+    let stranger = ruma::server_name!("stranger.example");
+    assert!(matches!(core.event_for_server(stranger, &id), Err(Error::Forbidden(_))));
+    assert!(matches!(
+        core.missing_events_for_server(stranger, &room, &[], &[id.clone()], 10, 0),
+        Err(Error::Forbidden(_))
+    ));
+    assert!(core.let_out_servers(&room).is_empty());
+
+    let let_out = ruma::server_name!("letout.example");
+    core.note_let_out(&room, let_out);
+    let raw = core.event_for_server(let_out, &id).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(raw.get()).unwrap()["content"]["body"], "plan");
+    assert_eq!(core.let_out_servers(&room), vec![let_out.to_owned()]);
+    // What alice sends now is queued to it (it is in no room state, so only the grant does it).
+    core.send_event(&alice, None, &room, msg("later"), None).await.unwrap();
+    assert!(core.queue_depth(let_out).unwrap() > 0, "the let-out server is sent our new event");
+    assert_eq!(core.queue_depth(stranger).unwrap(), 0);
+}

@@ -85,6 +85,15 @@ impl Core {
         m.insert(k, until);
     }
 
+    /// Servers a resolution let out of `room` whose grant is still live: our own events go to
+    /// them too while it lasts, so that one which has not yet settled with the room (it holds a
+    /// stale state) keeps hearing where the room's head goes.
+    pub(crate) fn let_out_servers(&self, room: &RoomId) -> Vec<ruma::OwnedServerName> {
+        let now = self.now_ms();
+        let m = self.let_out.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().filter(|((r, _), until)| r == room && **until > now).map(|((_, s), _)| s.clone()).collect()
+    }
+
     fn may_read_after_let_out(&self, room: &RoomId, server: &ServerName) -> bool {
         let now = self.now_ms();
         let mut m = self.let_out.lock().unwrap_or_else(|e| e.into_inner());
