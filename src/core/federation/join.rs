@@ -287,9 +287,13 @@ impl Core {
                 beside.push((s.pos, e));
             }
         }
+        // The join itself goes to the joining server too: if this answer is lost, the join
+        // stands here all the same, and the joiner may have stopped asking (another join of
+        // its user landed meanwhile); it would otherwise never hold the room's newest event.
         let joiner: BTreeSet<OwnedServerName> = [origin.to_owned()].into();
         self.commit(Batch::new(), |b, _, _| {
             self.enqueue_pdu(b, &dests, pos, &id);
+            self.enqueue_pdu(b, &joiner, pos, &id);
             for (p, e) in &beside {
                 self.enqueue_pdu(b, &joiner, *p, e);
             }
@@ -297,9 +301,7 @@ impl Core {
         })
         .await?;
         self.wake_sender(&dests);
-        if !beside.is_empty() {
-            self.wake_sender(&joiner);
-        }
+        self.wake_sender(&joiner);
         let mut rs = create_join_event::v2::RoomState::new();
         rs.auth_chain = auth_chain;
         rs.state = state_pdus;
@@ -437,6 +439,13 @@ impl Core {
         let mut last_err = Error::NotFound("no server to join through".into());
         let _joining = JoiningGuard::new(self, room);
         for server in via.iter().filter(|s| s.as_str() != self.server_name().as_str()) {
+            // Another join of this user (a client's retry, a second device) may have landed
+            // while this one waited on a server that did not answer: then it is done — a new
+            // join through the next server would be a second join event, which that server
+            // accepts and, if its answer is lost too, we would never hold.
+            if self.room(room)?.is_some() && self.membership(room, user)?.as_deref() == Some("join") {
+                return Ok(room.to_owned());
+            }
             match self.join_via(user, room, server).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
