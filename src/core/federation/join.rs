@@ -438,12 +438,18 @@ impl Core {
     ) -> Result<OwnedRoomId> {
         let mut last_err = Error::NotFound("no server to join through".into());
         let _joining = JoiningGuard::new(self, room);
+        let joined = || -> Result<bool> {
+            Ok(self.room(room)?.is_some() && self.membership(room, user)?.as_deref() == Some("join"))
+        };
+        // A stale copy may count the user in already (the room counted it out): that is what
+        // this join is to mend, so only a join that lands while this one runs ends it.
+        let joined_at_start = joined()?;
         for server in via.iter().filter(|s| s.as_str() != self.server_name().as_str()) {
             // Another join of this user (a client's retry, a second device) may have landed
             // while this one waited on a server that did not answer: then it is done — a new
             // join through the next server would be a second join event, which that server
             // accepts and, if its answer is lost too, we would never hold.
-            if self.room(room)?.is_some() && self.membership(room, user)?.as_deref() == Some("join") {
+            if !joined_at_start && joined()? {
                 return Ok(room.to_owned());
             }
             match self.join_via(user, room, server).await {
