@@ -276,6 +276,13 @@ async fn a_transaction_failing_while_the_peer_comes_back_is_retried_without_back
     let alice = User::register(&a, "alice").await;
     let bob = User::register(&b, "bob").await;
     let room = alice_invites_bob(&alice, &bob).await;
+    // The resident also queues bob's join to B (in case its send_join answer was lost): let
+    // that go first, so the transaction held is the message's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a.core.queue_depth(b.core.server_name()).unwrap() > 0 {
+        assert!(std::time::Instant::now() < deadline, "A's queue to B never drained");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     armed.store(true, Ordering::SeqCst);
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/m0");
