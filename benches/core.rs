@@ -329,5 +329,44 @@ fn bench_sync(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_sign, bench_verify, bench_auth, bench_state_res, bench_commit, bench_sync);
+/// Incremental `/sync` of a user with 1,000 unread messages in a room, after one more message
+/// (what a long-polling client pays on every wake while a peer's backlog arrives): the
+/// timeline of one event and the room's unread counts.
+fn bench_sync_unread(c: &mut Criterion) {
+    let rt = runtime();
+    let core = memory_core(8);
+    let (bob, device, room, alice) = rt.block_on(async {
+        let (alice, room, users) = room_with_members(&core, 1).await;
+        let bob = users[0].clone();
+        let (device, _) = core.create_device(&bob, None, None).await.expect("device");
+        for i in 0..1000 {
+            core.send_event(&alice, None, &room, msg(&format!("unread {i}")), None).await.expect("send");
+        }
+        (bob, device, room, alice)
+    });
+    let mut g = c.benchmark_group("sync");
+    g.bench_function("incremental_1000_unread", |b| {
+        b.iter_batched(
+            || {
+                let since = core.visible_pos();
+                rt.block_on(core.send_event(&alice, None, &room, msg("one more"), None)).expect("send");
+                SyncRequest { since: Some(since), ..SyncRequest::default() }
+            },
+            |req| rt.block_on(core.sync(&bob, &device, req)).expect("sync"),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_sign,
+    bench_verify,
+    bench_auth,
+    bench_state_res,
+    bench_commit,
+    bench_sync,
+    bench_sync_unread
+);
 criterion_main!(benches);

@@ -15,18 +15,23 @@
 //! once and memoised ([`UnreadMemo`], bounded), as Synapse stores push actions once per event:
 //! a long-polling client that wakes for every new event does not re-evaluate the rules for every
 //! older unread event each time. The memo is cleared when push rules change or an event is
-//! redacted.
+//! redacted. The newest window of a room (at most the scan limit of events after the user's
+//! unthreaded read point, with their contributions) is kept too, for a bounded number of
+//! `(user, room)` pairs: the next count reads only the timeline entries added since, instead of
+//! scanning the whole window again. Stream positions only grow and a timeline entry is never
+//! removed, so the window read on earlier positions stays the window of the room; a receipt
+//! moves its start, and an invalidation of the memo drops every window.
 //!
 //! Pushers are stored and listed; nothing is delivered to push gateways (there is no internet
 //! on a mesh; a gateway on the local network could be added later).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use futures_util::FutureExt;
 use ruma::{
     events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
     push::{Action, NewPushRule, PushConditionRoomCtx, RuleKind, Ruleset},
-    EventId, OwnedUserId, RoomId, UInt, UserId,
+    EventId, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
 };
 use serde_json::{json, Value as JsonValue};
 
@@ -39,6 +44,10 @@ use crate::store::{key, prefix, Batch, Tree};
 
 /// Most `(user, event)` entries the unread memo keeps; when full it starts again empty.
 const UNREAD_MEMO_MAX: usize = 50_000;
+
+/// Most `(user, room)` windows the unread memo keeps (each at most
+/// `limits.unread_scan_events_max` entries); when full it starts again empty.
+const UNREAD_WINDOWS_MAX: usize = 64;
 
 /// What one event adds to a user's unread counts (before read receipts apply).
 #[derive(Clone, Debug)]
@@ -60,6 +69,20 @@ struct MemoInner {
     generation: u64,
     len: usize,
     map: BTreeMap<OwnedUserId, BTreeMap<u64, Option<Contribution>>>,
+    windows: BTreeMap<(OwnedUserId, OwnedRoomId), UnreadWindow>,
+}
+
+/// The newest timeline entries of a room after a user's unthreaded read point, as the last
+/// count read them.
+struct UnreadWindow {
+    /// The memo's generation when it was read.
+    generation: u64,
+    /// The unthreaded read point it starts after.
+    after: u64,
+    /// The stream position it was read up to (inclusive).
+    upto: u64,
+    /// `(stream position, contribution)`, oldest first; at most the scan limit.
+    events: VecDeque<(u64, Option<Contribution>)>,
 }
 
 impl UnreadMemo {
@@ -89,12 +112,29 @@ impl UnreadMemo {
         }
     }
 
+    /// Take out the window kept for `(user, room)` (put back with [`UnreadMemo::put_window`]).
+    fn take_window(&self, user: &UserId, room: &RoomId) -> Option<UnreadWindow> {
+        self.lock().windows.remove(&(user.to_owned(), room.to_owned()))
+    }
+
+    fn put_window(&self, user: &UserId, room: &RoomId, w: UnreadWindow) {
+        let mut m = self.lock();
+        if m.generation != w.generation {
+            return;
+        }
+        if m.windows.len() >= UNREAD_WINDOWS_MAX {
+            m.windows.clear();
+        }
+        m.windows.insert((user.to_owned(), room.to_owned()), w);
+    }
+
     /// Forget everything (push rules changed, or an event was redacted).
     pub fn invalidate(&self) {
         let mut m = self.lock();
         m.generation += 1;
         m.map.clear();
         m.len = 0;
+        m.windows.clear();
     }
 }
 
@@ -343,53 +383,81 @@ impl Core {
     /// Unread notification counts of `room` for `user` at stream position `upto`.
     pub fn unread_counts(&self, user: &UserId, room: &RoomId, upto: u64) -> Result<UnreadCounts> {
         let points = self.read_points(user, room)?;
-        let mut out = UnreadCounts::default();
+        let max = self.limits.unread_scan_events_max;
+        let generation = self.unread_memo.generation();
+        // The window the last count read, if it still is this room's: same generation, a read
+        // point at or after its start, and no newer than what is asked.
+        let mut window = self
+            .unread_memo
+            .take_window(user, room)
+            .filter(|w| w.generation == generation && w.after <= points.unthreaded && w.upto <= upto)
+            .map(|mut w| {
+                w.events.retain(|(pos, _)| *pos > points.unthreaded);
+                w.after = points.unthreaded;
+                w
+            })
+            .unwrap_or(UnreadWindow {
+                generation,
+                after: points.unthreaded,
+                upto: points.unthreaded,
+                events: VecDeque::new(),
+            });
+        // Read what was added after the window, newest first, at most `max` entries.
         let p = prefix(&[room.as_bytes()]);
-        let lo = key(&[room.as_bytes(), &(points.unthreaded + 1).to_be_bytes()]);
+        let lo = key(&[room.as_bytes(), &(window.upto.max(points.unthreaded) + 1).to_be_bytes()]);
         let mut hi = key(&[room.as_bytes(), &upto.saturating_add(1).to_be_bytes()]);
-        let mut budget = self.limits.unread_scan_events_max;
+        let mut added: Vec<(u64, Option<Contribution>)> = Vec::new();
         let mut rules_ctx: Option<(Ruleset, PushConditionRoomCtx)> = None;
-        while budget > 0 {
-            let chunk = self.store.scan(Tree::Timeline, &p, Some(&lo), Some(&hi), true, budget.min(64))?;
+        while added.len() < max {
+            let chunk = self.store.scan(Tree::Timeline, &p, Some(&lo), Some(&hi), true, (max - added.len()).min(64))?;
             let Some((last, _)) = chunk.last() else { break };
             hi = last.clone();
-            budget -= chunk.len();
             for (k, v) in &chunk {
                 // The stream position is the key's last 8 bytes.
-                let pos = k.len().checked_sub(8).and_then(|i| k[i..].try_into().ok()).map(u64::from_be_bytes);
-                let memo = pos.and_then(|pos| self.unread_memo.get(user, pos));
-                let (thread, notify, highlight) = match memo {
-                    Some(Some(c)) => (c.thread, c.notify, c.highlight),
-                    Some(None) => continue,
+                let Some(pos) = k.len().checked_sub(8).and_then(|i| k[i..].try_into().ok()).map(u64::from_be_bytes)
+                else {
+                    continue;
+                };
+                let c = match self.unread_memo.get(user, pos) {
+                    Some(c) => c,
                     None => {
                         let generation = self.unread_memo.generation();
-                        let Ok(id) = EventId::parse(String::from_utf8_lossy(v).as_ref()) else { continue };
-                        let Some(stored) = self.stored_pdu(&id)? else { continue };
-                        let c = self.unread_contribution(user, room, &id, &stored, &mut rules_ctx)?;
-                        if let Some(pos) = pos {
-                            self.unread_memo.put(generation, user, pos, c.clone());
-                        }
-                        match c {
-                            Some(c) => (c.thread, c.notify, c.highlight),
-                            None => continue,
-                        }
+                        let c = match EventId::parse(String::from_utf8_lossy(v).as_ref()) {
+                            Ok(id) => match self.stored_pdu(&id)? {
+                                Some(stored) => self.unread_contribution(user, room, &id, &stored, &mut rules_ctx)?,
+                                None => None,
+                            },
+                            Err(_) => None,
+                        };
+                        self.unread_memo.put(generation, user, pos, c.clone());
+                        c
                     }
                 };
-                let Some(pos) = pos else { continue };
-                if pos <= points.for_thread(thread.as_deref()) {
-                    continue;
-                }
-                if !notify && !highlight {
-                    continue;
-                }
-                let c = match &thread {
-                    Some(t) => out.threads.entry(t.clone()).or_default(),
-                    None => &mut out.room,
-                };
-                c.notification_count += u64::from(notify);
-                c.highlight_count += u64::from(highlight);
+                added.push((pos, c));
             }
         }
+        if added.len() >= max {
+            window.events.clear();
+        }
+        window.events.extend(added.into_iter().rev());
+        while window.events.len() > max {
+            window.events.pop_front();
+        }
+        window.upto = upto;
+        let mut out = UnreadCounts::default();
+        for (pos, c) in &window.events {
+            let Some(c) = c else { continue };
+            if *pos <= points.for_thread(c.thread.as_deref()) || (!c.notify && !c.highlight) {
+                continue;
+            }
+            let n = match &c.thread {
+                Some(t) => out.threads.entry(t.clone()).or_default(),
+                None => &mut out.room,
+            };
+            n.notification_count += u64::from(c.notify);
+            n.highlight_count += u64::from(c.highlight);
+        }
+        self.unread_memo.put_window(user, room, window);
         Ok(out)
     }
 

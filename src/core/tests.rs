@@ -251,6 +251,54 @@ async fn unread_count_drops_a_redacted_event() {
     assert_eq!(count(&core), 1, "the redacted message no longer counts (the redaction itself does not notify)");
 }
 
+/// The unread window a count keeps is read on from where it ended; it gives what a fresh scan
+/// gives, as events arrive past the scan limit, as a receipt moves the read point, and for an
+/// older position than the window's.
+#[tokio::test]
+async fn unread_counts_read_on_from_the_kept_window_as_a_fresh_scan_would() {
+    let limits = Limits { unread_scan_events_max: 5, ..Limits::default() };
+    let core =
+        Core::open(Arc::new(MemoryStore::default()), Identity::from_seed([9; 32]), Arc::new(SystemClock), limits)
+            .unwrap();
+    let alice = core.register("alice", None).await.unwrap();
+    let bob = core.register("bob", None).await.unwrap();
+    let room = core.create_room(&alice, CreateRoomSpec::default()).await.unwrap();
+    core.set_membership(&alice, &room, &bob, "invite", None, None).await.unwrap();
+    core.set_membership(&bob, &room, &bob, "join", None, None).await.unwrap();
+    let kept = |core: &Core, upto: u64| core.room_unread(&bob, &room, upto, false).unwrap().room.notification_count;
+    let fresh = |core: &Core, upto: u64| {
+        core.unread_memo.invalidate();
+        kept(core, upto)
+    };
+    let mut ids = Vec::new();
+    for (n, want) in [(3, 3), (1, 4), (4, 5)] {
+        for _ in 0..n {
+            ids.push(core.send_event(&alice, None, &room, msg("m"), None).await.unwrap());
+        }
+        let upto = core.visible_pos();
+        assert_eq!(kept(&core, upto), want, "after {} messages", ids.len());
+        assert_eq!(fresh(&core, upto), want);
+        assert_eq!(kept(&core, upto), want, "from the window just rebuilt");
+    }
+    // Read up to the sixth of eight: two are left.
+    core.set_receipt(&bob, &room, "m.read", &ids[5], None).await.unwrap();
+    let upto = core.visible_pos();
+    assert_eq!(kept(&core, upto), 2);
+    assert_eq!(fresh(&core, upto), 2);
+    // Bob's own message does not count, alice's two after it do; then an older position.
+    core.send_event(&bob, None, &room, msg("mine"), None).await.unwrap();
+    let mid = core.visible_pos();
+    for _ in 0..2 {
+        core.send_event(&alice, None, &room, msg("m"), None).await.unwrap();
+    }
+    let upto = core.visible_pos();
+    assert_eq!(kept(&core, upto), 4);
+    assert_eq!(kept(&core, mid), 2, "an older position than the window's");
+    assert_eq!(fresh(&core, mid), 2);
+    assert_eq!(kept(&core, upto), 4);
+    assert_eq!(fresh(&core, upto), 4);
+}
+
 /// A server a resolution let out may read the room's history for a while, and is sent what our
 /// users send meanwhile; a server that was never in the room reads nothing.
 #[tokio::test]
