@@ -63,6 +63,13 @@ enum Fetch {
     Nothing,
 }
 
+/// A PDU of a received transaction, its steps 1–3 run (`checked`) when its room is known.
+struct PendingPdu {
+    room: OwnedRoomId,
+    raw: Box<RawValue>,
+    checked: Option<std::result::Result<SignedPdu, String>>,
+}
+
 fn reject(msg: impl Into<String>) -> PduOutcome {
     PduOutcome::Rejected(msg.into())
 }
@@ -164,10 +171,13 @@ impl Core {
         // is released before the flush, so the next one is processed while this one is made
         // durable; each is answered only after its flush.
         let origin_lock = self.fed.origin_lock(origin);
-        // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
         let began_ms = self.now_ms();
         let n = pdus.len();
         let n_edus = edus.len();
+        // Steps 1–3 need no lock: while the origin's previous transaction is checked against
+        // the room, this one's signatures and hashes are checked beside it.
+        let pdus = self.verify_transaction_pdus(pdus).await?;
+        // One flush for the whole transaction, before we answer (see `with_deferred_flush`).
         let results = self
             .with_deferred_flush(async {
                 let _serial = origin_lock.lock().await;
@@ -194,15 +204,11 @@ impl Core {
         results
     }
 
-    async fn receive_pdus(
-        self: &Arc<Self>,
-        origin: &ServerName,
-        pdus: Vec<Box<RawValue>>,
-    ) -> Result<BTreeMap<OwnedEventId, std::result::Result<(), String>>> {
-        let mut results = BTreeMap::new();
-        let mut retry = false;
-        // Steps 1–3 (format, signatures, hashes) need nothing from the store but the room
-        // version: run them for the whole transaction first, in parallel.
+    /// Steps 1–3 (format, signatures, hashes) of a transaction's PDUs: they need nothing from
+    /// the store but the room version, so they run for the whole transaction first, in
+    /// parallel. A PDU of a room we are not in (yet) is checked on its own later
+    /// (`checked` is `None`); one without a room is dropped (nothing to check it against).
+    async fn verify_transaction_pdus(&self, pdus: Vec<Box<RawValue>>) -> Result<Vec<PendingPdu>> {
         #[derive(serde::Deserialize)]
         struct RoomOf {
             room_id: Option<OwnedRoomId>,
@@ -212,21 +218,33 @@ impl Core {
         let mut unverified = Vec::new();
         for raw in pdus {
             let Some(room) = serde_json::from_str::<RoomOf>(raw.get()).ok().and_then(|r| r.room_id) else {
-                continue; // no room: nothing we can check it against
+                continue;
             };
             match self.room(&room)?.map(|r| rules_for(&r.version)).transpose()? {
                 Some(rules) => {
                     rooms.push(room);
                     jobs.push((rules, raw));
                 }
-                // Not in the room (yet): handled on its own below.
                 None => unverified.push((room, raw)),
             }
         }
         let verified = Self::verify_pdus(jobs).await.into_iter().map(|(raw, v)| (raw, Some(v)));
-        let items =
-            rooms.into_iter().zip(verified).chain(unverified.into_iter().map(|(room, raw)| (room, (raw, None))));
-        for (room, (raw, checked)) in items {
+        Ok(rooms
+            .into_iter()
+            .zip(verified)
+            .chain(unverified.into_iter().map(|(room, raw)| (room, (raw, None))))
+            .map(|(room, (raw, checked))| PendingPdu { room, raw, checked })
+            .collect())
+    }
+
+    async fn receive_pdus(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        pdus: Vec<PendingPdu>,
+    ) -> Result<BTreeMap<OwnedEventId, std::result::Result<(), String>>> {
+        let mut results = BTreeMap::new();
+        let mut retry = false;
+        for PendingPdu { room, raw, checked } in pdus {
             match self.handle_pdu(origin, &room, &raw, checked, Fetch::All).await {
                 Ok((id, PduOutcome::Rejected(why))) => {
                     tracing::info!(%origin, event_id = %id, reason = %why, "rejected PDU");
