@@ -436,10 +436,8 @@ impl Core {
                 added.push((pos, c));
             }
         }
-        if added.len() >= max {
-            window.events.clear();
-        }
         window.events.extend(added.into_iter().rev());
+        // The oldest go first: what is left is the newest `max`, as a fresh scan reads them.
         while window.events.len() > max {
             window.events.pop_front();
         }
