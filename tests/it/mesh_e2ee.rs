@@ -102,13 +102,14 @@ async fn encrypted_conversation_over_quic() {
     let first = send_text(&alice_room, &body).await;
     assert_decrypts(&bob, "bob", &room_id, &first, &body).await;
     sent.push((first, body));
-    for i in 0..3 {
-        let body = format!("bob over quic {i}");
-        sent.push((send_text(&bob_room, &body).await, body));
-        if i < 2 {
-            let body = format!("alice over quic {}", i + 1);
-            sent.push((send_text(&alice_room, &body).await, body));
-        }
+    for (room, body) in [
+        (&bob_room, "bob over quic 0"),
+        (&alice_room, "alice over quic 1"),
+        (&bob_room, "bob over quic 1"),
+        (&alice_room, "alice over quic 2"),
+        (&bob_room, "bob over quic 2"),
+    ] {
+        sent.push((send_text(room, body).await, body.to_owned()));
     }
     for (id, body) in &sent {
         assert_decrypts(&alice, "alice", &room_id, id, body).await;
